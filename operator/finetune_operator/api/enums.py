@@ -1,0 +1,57 @@
+"""The API's closed vocabularies, shared by the CRD, the estimator, the planner and the trainer config.
+
+Values are the strings users write in YAML and HF/PEFT/DeepSpeed use, so a value can be passed through
+to those libraries without a translation table.
+"""
+
+from enum import StrEnum
+
+
+class Method(StrEnum):
+    FULL = "full"
+    FREEZE = "freeze"
+    LORA = "lora"
+    QLORA = "qlora"
+    DORA = "dora"
+    PREFIX = "prefix"
+    PROMPT = "prompt"
+
+
+class Precision(StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw_8bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+    SGD = "sgd"
+
+
+class Offload(StrEnum):
+    """What ZeRO moves to host memory; `all` is optimizer states and (under ZeRO-3) parameters."""
+
+    NONE = "none"
+    OPTIMIZER = "optimizer"
+    ALL = "all"
+
+
+class AttentionImpl(StrEnum):
+    SDPA = "sdpa"
+    EAGER = "eager"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
+class QuantType(StrEnum):
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+#: Methods whose virtual-token parameters DeepSpeed cannot partition under ZeRO-3 (the ranks hang);
+#: their trainable state is kilobytes, so ZeRO-2 loses nothing.
+NO_ZERO3_METHODS = frozenset({Method.PREFIX, Method.PROMPT})
+#: Optimizers that can step offloaded states: DeepSpeed swaps AdamW for its CPU Adam; 8-bit and SGD have
+#: no CPU implementation.
+OFFLOAD_OPTIMIZERS = frozenset({Optimizer.ADAMW})

@@ -1,0 +1,618 @@
+"""FineTuneJob (finetune.dev/v1alpha1): the one definition the CRD, ftctl, the operator and the trainer use.
+
+Names follow HF TrainingArguments and PEFT in camelCase (`learningRate`, `microBatchSize`, `lora.r`,
+`targetModules`) so a user can carry a LLaMA-Factory or PEFT config over without a glossary; status
+follows Kubernetes conventions (`conditions`, `observedGeneration`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+from pydantic.config import JsonDict
+
+from finetune_operator.api.base import ApiModel, Rule
+from finetune_operator.api.enums import (
+    NO_ZERO3_METHODS,
+    OFFLOAD_OPTIMIZERS,
+    AttentionImpl,
+    Method,
+    Offload,
+    Optimizer,
+    Precision,
+    QuantType,
+)
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAMES = ("ftj",)
+CATEGORIES = ("all", "finetune")
+
+URI_DESCRIPTION = (
+    "Where it lives: pvc://CLAIM/PATH (mounted into the workers), s3://BUCKET/PREFIX, hf://ORG/NAME, or a "
+    "local path / file:// URI (ftctl train only)."
+)
+URI_PATTERN = (
+    r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/\s]+(/\S*)?|hf://\S+|file://\S+|/\S*|\.{1,2}/\S*)$"
+)
+INT_OR_STRING: JsonDict = {"x-kubernetes-int-or-string": True}
+
+Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024, description=URI_DESCRIPTION)]
+
+
+# --- model --------------------------------------------------------------------------------------------
+
+
+class ArchitectureSpec(ApiModel):
+    """The numbers of a model's config.json that decide its memory; lets a job plan a model we don't know."""
+
+    vocab_size: int = Field(ge=1, description="Vocabulary size (config.json vocab_size).")
+    hidden_size: int = Field(ge=1, description="Hidden size (config.json hidden_size).")
+    intermediate_size: int = Field(ge=1, description="MLP inner size (config.json intermediate_size).")
+    num_layers: int = Field(ge=1, description="Transformer layers (config.json num_hidden_layers).")
+    num_heads: int = Field(ge=1, description="Attention heads (config.json num_attention_heads).")
+    num_kv_heads: int | None = Field(
+        default=None,
+        ge=1,
+        alias="numKVHeads",
+        description="Key/value heads for grouped-query attention (num_key_value_heads); default numHeads.",
+    )
+    tie_embeddings: bool = Field(
+        default=False, description="Whether the LM head shares the embedding matrix (tie_word_embeddings)."
+    )
+    head_dim: int | None = Field(
+        default=None, ge=1, description="Per-head size when not hiddenSize/numHeads."
+    )
+    mlp: Literal["gated", "plain"] = Field(
+        default="gated",
+        description="gated: SwiGLU/GeGLU with three matrices (Llama); plain: two (BERT, GPT-2).",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.numKVHeads) || self.numHeads % self.numKVHeads == 0",
+            message="numKVHeads must divide numHeads",
+            check=lambda s: s.num_kv_heads is None or s.num_heads % s.num_kv_heads == 0,
+        ),
+    )
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Hugging Face hub name (e.g. meta-llama/Llama-2-7b-hf); also selects the built-in "
+        "architecture catalogue used for planning.",
+    )
+    uri: Uri | None = None
+    revision: str | None = Field(
+        default=None, max_length=256, description="Hub revision (branch, tag or commit)."
+    )
+    architecture: ArchitectureSpec | None = Field(
+        default=None, description="Architecture numbers for planning when the name is not in the catalogue."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run the model repository's own Python code. Off unless you trust it."
+    )
+    attention_implementation: AttentionImpl = Field(
+        default=AttentionImpl.SDPA, description="Attention kernel: sdpa, flash_attention_2 or eager."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.name) || has(self.uri)",
+            message="set model.name (hub name) or model.uri (where the weights are)",
+            check=lambda s: s.name is not None or s.uri is not None,
+        ),
+    )
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+class DatasetSpec(ApiModel):
+    """Training data and how to turn records into tokens."""
+
+    uri: Uri
+    format: Literal["alpaca", "sharegpt", "chat", "text", "classification"] = Field(
+        default="alpaca",
+        description="alpaca: instruction/input/output; sharegpt or chat: a messages list through the chat "
+        "template; text: plain language modelling; classification: text/label with a classification head.",
+    )
+    max_seq_length: int = Field(
+        default=512, ge=8, le=1_048_576, description="Tokens per example after truncation (and packing)."
+    )
+    packing: bool = Field(default=False, description="Concatenate short examples into maxSeqLength blocks.")
+    validation_split: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Fraction of the data held out for evaluation (0 = none)."
+    )
+    split: str = Field(default="train", max_length=64, description="Split to read from a hub data set.")
+    num_labels: int | None = Field(default=None, ge=2, description="Classes, for the classification format.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.format != 'classification' || has(self.numLabels)",
+            message="dataset.numLabels is required for the classification format",
+            check=lambda s: s.format != "classification" or s.num_labels is not None,
+        ),
+    )
+
+
+# --- method -------------------------------------------------------------------------------------------
+
+
+class LoraSpec(ApiModel):
+    """PEFT LoraConfig fields; also used by qlora and dora."""
+
+    r: int = Field(default=8, ge=1, le=4096, description="Rank of the update matrices.")
+    alpha: int = Field(default=16, ge=1, description="Scaling numerator (lora_alpha); the update is alpha/r.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt (q_proj, v_proj, …) or the single entry all-linear.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+            message="lora.targetModules: all-linear must be the only entry",
+            check=lambda s: "all-linear" not in s.target_modules or len(s.target_modules) == 1,
+        ),
+    )
+
+
+class QLoraSpec(ApiModel):
+    """bitsandbytes 4-bit quantisation of the frozen base model (BitsAndBytesConfig)."""
+
+    quant_type: QuantType = Field(default=QuantType.NF4, description="4-bit data type: nf4 or fp4.")
+    double_quant: bool = Field(
+        default=True, description="Quantise the quantisation constants too (~0.37 bit)."
+    )
+    compute_dtype: Precision = Field(
+        default=Precision.BF16, description="Dtype the 4-bit matmuls compute in."
+    )
+
+
+class FreezeSpec(ApiModel):
+    """Freeze tuning: only the last layers train."""
+
+    trainable_layers: int = Field(default=2, ge=1, description="How many of the last decoder layers train.")
+    train_embeddings: bool = Field(default=False, description="Also train the input embeddings.")
+
+
+class VirtualTokensSpec(ApiModel):
+    """Prefix and prompt tuning (PEFT PrefixTuningConfig / PromptTuningConfig)."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=4096, description="Learned virtual tokens.")
+
+
+class MethodSpec(ApiModel):
+    """How the model is tuned. Each method reads only its own block; blocks of other methods are refused."""
+
+    type: Method = Field(description="full, freeze, lora, qlora, dora, prefix or prompt.")
+    lora: LoraSpec | None = Field(default=None, description="Adapter settings for lora, qlora and dora.")
+    qlora: QLoraSpec | None = Field(default=None, description="Quantisation settings for qlora.")
+    freeze: FreezeSpec | None = Field(default=None, description="Settings for freeze.")
+    prefix: VirtualTokensSpec | None = Field(default=None, description="Settings for prefix.")
+    prompt: VirtualTokensSpec | None = Field(default=None, description="Settings for prompt.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
+            message="method.lora is only for type lora, qlora or dora",
+            check=lambda s: s.lora is None or s.type in (Method.LORA, Method.QLORA, Method.DORA),
+        ),
+        Rule(
+            cel="!has(self.qlora) || self.type == 'qlora'",
+            message="method.qlora is only for type qlora",
+            check=lambda s: s.qlora is None or s.type == Method.QLORA,
+        ),
+        Rule(
+            cel="!has(self.freeze) || self.type == 'freeze'",
+            message="method.freeze is only for type freeze",
+            check=lambda s: s.freeze is None or s.type == Method.FREEZE,
+        ),
+        Rule(
+            cel="!has(self.prefix) || self.type == 'prefix'",
+            message="method.prefix is only for type prefix",
+            check=lambda s: s.prefix is None or s.type == Method.PREFIX,
+        ),
+        Rule(
+            cel="!has(self.prompt) || self.type == 'prompt'",
+            message="method.prompt is only for type prompt",
+            check=lambda s: s.prompt is None or s.type == Method.PROMPT,
+        ),
+    )
+
+    def lora_settings(self) -> LoraSpec:
+        """The adapter settings in force, PEFT's defaults where the block is left out."""
+        return self.lora or LoraSpec()
+
+    def qlora_settings(self) -> QLoraSpec:
+        return self.qlora or QLoraSpec()
+
+    def freeze_settings(self) -> FreezeSpec:
+        return self.freeze or FreezeSpec()
+
+    def virtual_tokens(self) -> int:
+        block = self.prefix if self.type == Method.PREFIX else self.prompt
+        return (block or VirtualTokensSpec()).num_virtual_tokens
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Stop when the evaluation metric stops improving (transformers EarlyStoppingCallback)."""
+
+    patience: int = Field(default=3, ge=1, description="Evaluations without improvement before stopping.")
+    threshold: float = Field(default=0.0, ge=0.0, description="Smallest change that counts as improvement.")
+    metric: str = Field(default="eval_loss", max_length=128, description="Metric to watch (lower is better).")
+
+
+class TrainingSpec(ApiModel):
+    """Hyperparameters, named as HF TrainingArguments in camelCase."""
+
+    epochs: float = Field(default=3.0, gt=0, le=1000, description="Passes over the data (num_train_epochs).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(default=2.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Fraction of steps spent warming up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="Decoupled weight decay (AdamW).")
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping norm; 0 disables it.")
+    micro_batch_size: int = Field(default=1, ge=1, le=4096, description="Examples per GPU per forward pass.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro batches per step.")
+    precision: Precision = Field(default=Precision.BF16, description="bf16, fp16 (loss scaling) or fp32.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
+    optimizer: Optimizer = Field(
+        default=Optimizer.ADAMW, description="adamw, adamw_8bit, paged_adamw_8bit, sgd."
+    )
+    seed: int = Field(default=42, ge=0, description="Random seed for data order and initialisation.")
+    logging_steps: int = Field(default=10, ge=1, description="Report loss and progress every N steps.")
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate every N steps (default: per epoch)."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop early on a plateau; needs dataset.validationSplit > 0."
+    )
+
+
+class CheckpointingSpec(ApiModel):
+    """Checkpoints let a restarted gang resume where it stopped instead of at step 0."""
+
+    save_steps: int = Field(default=200, ge=1, description="Save every N optimizer steps.")
+    save_total_limit: int = Field(default=3, ge=1, description="Keep the newest N checkpoints.")
+    uri: Uri | None = None
+
+
+# --- placement ----------------------------------------------------------------------------------------
+
+
+class ResourcesSpec(ApiModel):
+    """What GPUs the job runs on; the operator picks how many."""
+
+    gpu_type: str | None = Field(
+        default=None,
+        max_length=64,
+        description="GPU product (A100-80GB, H100-80GB, L40S, …); pods land on it.",
+    )
+    gpu_memory_gi_b: float | None = Field(
+        default=None,
+        gt=0,
+        le=4096,
+        alias="gpuMemoryGiB",
+        description="Memory per GPU in GiB; overrides gpuType's and places pods on any GPU with at least this.",
+    )
+    gpus_per_node: int = Field(default=8, ge=1, le=64, description="GPUs a node offers; one worker per node.")
+    gpus: int | Literal["auto"] = Field(
+        default="auto",
+        description="Total GPUs, or auto to use the fewest that fit in memory.",
+        json_schema_extra=INT_OR_STRING,
+    )
+    memory_headroom: float = Field(
+        default=0.08, ge=0.0, lt=0.9, description="Fraction of GPU memory the plan leaves free."
+    )
+    cpu: str | None = Field(default=None, max_length=32, description="CPU request per worker (e.g. 32).")
+    memory: str | None = Field(
+        default=None, max_length=32, description="Memory request per worker (e.g. 256Gi)."
+    )
+    shared_memory: str = Field(default="16Gi", max_length=32, description="Size of /dev/shm in each worker.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.gpuType) || has(self.gpuMemoryGiB)",
+            message="set resources.gpuType or resources.gpuMemoryGiB",
+            check=lambda s: s.gpu_type is not None or s.gpu_memory_gi_b is not None,
+        ),
+        Rule(
+            cel="type(self.gpus) == string ? self.gpus == 'auto' : int(self.gpus) >= 1",
+            message="resources.gpus must be a positive integer or auto",
+            check=lambda s: s.gpus == "auto" or (isinstance(s.gpus, int) and s.gpus >= 1),
+        ),
+    )
+
+
+class DistributedSpec(ApiModel):
+    """DeepSpeed settings; auto lets the planner choose the fastest that fits."""
+
+    zero_stage: int | Literal["auto"] = Field(
+        default="auto", description="ZeRO stage 0-3, or auto.", json_schema_extra=INT_OR_STRING
+    )
+    offload: Offload | Literal["auto"] = Field(
+        default=Offload.NONE,
+        description="Move optimizer states (optimizer) or states and weights (all) to host.",
+    )
+    master_port: int = Field(default=29500, ge=1024, le=65535, description="torchrun rendezvous port.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="type(self.zeroStage) == string ? self.zeroStage == 'auto' : "
+            "(int(self.zeroStage) >= 0 && int(self.zeroStage) <= 3)",
+            message="distributed.zeroStage must be 0, 1, 2, 3 or auto",
+            check=lambda s: (
+                s.zero_stage == "auto" or (isinstance(s.zero_stage, int) and 0 <= s.zero_stage <= 3)
+            ),
+        ),
+    )
+
+
+class OutputSpec(ApiModel):
+    """Where the trained adapter or model goes."""
+
+    uri: Uri
+    save_merged: bool = Field(default=False, description="Merge LoRA weights into the base model on save.")
+
+
+class RunPolicySpec(ApiModel):
+    """Retries, deadlines, cleanup and queueing, as in Kubeflow's RunPolicy."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100, description="Whole-gang restarts before Failed.")
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail after this long running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the job this long after it finishes."
+    )
+    suspend: bool = Field(
+        default=False, description="Remove the workers but keep the job and its checkpoints."
+    )
+    queue_name: str | None = Field(
+        default=None, max_length=253, description="Kueue LocalQueue to admit through."
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A reference to one key of a Secret in the job's namespace (never a value)."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class SecretsSpec(ApiModel):
+    """Credentials by reference; the operator injects them into workers and never reads them."""
+
+    hf_token: SecretKeyRef | None = Field(default=None, description="Hugging Face token (HF_TOKEN).")
+    storage: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Secret whose keys become environment variables (e.g. AWS_ACCESS_KEY_ID for s3://).",
+    )
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable for the trainer."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256, description="Variable name.")
+    value: str = Field(default="", max_length=32768, description="Literal value.")
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty matches all."
+    )
+    toleration_seconds: int | None = Field(default=None, description="How long NoExecute is tolerated.")
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on what data, how, and with which resources."""
+
+    model: ModelSpec = Field(description="The base model.")
+    dataset: DatasetSpec = Field(description="The training data.")
+    method: MethodSpec = Field(description="The fine-tuning method and its settings.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
+    resources: ResourcesSpec = Field(description="GPU type and count.")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="DeepSpeed settings.")
+    output: OutputSpec = Field(description="Where results are written.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries and lifecycle.")
+    image: str | None = Field(
+        default=None, max_length=512, description="Trainer image; default the operator's."
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=128, description="Extra trainer environment.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels workers need.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Worker tolerations."
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="Worker priority class."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Service account for workers (default: the operator's trainer SA).",
+    )
+    secrets: SecretsSpec = Field(default_factory=SecretsSpec, description="Credentials, by reference only.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.training) || !has(self.training.earlyStopping) || "
+            "(has(self.dataset.validationSplit) && self.dataset.validationSplit > 0.0)",
+            message="training.earlyStopping needs dataset.validationSplit > 0",
+            check=lambda s: s.training.early_stopping is None or s.dataset.validation_split > 0,
+        ),
+        Rule(
+            cel="!has(self.method.qlora) || !has(self.training) || !has(self.training.precision) || "
+            "self.training.precision != 'fp16' || self.method.qlora.computeDtype != 'bf16'",
+            message="method.qlora.computeDtype bf16 does not mix with training.precision fp16; use fp16 or bf16 for both",
+            check=lambda s: (
+                s.method.qlora is None
+                or not (
+                    s.training.precision == Precision.FP16 and s.method.qlora.compute_dtype == Precision.BF16
+                )
+            ),
+        ),
+        Rule(
+            cel="!(self.method.type in ['prefix', 'prompt']) || !has(self.distributed) || "
+            "!has(self.distributed.zeroStage) || type(self.distributed.zeroStage) == string || "
+            "int(self.distributed.zeroStage) < 3",
+            message="prefix and prompt tuning do not run under distributed.zeroStage 3; use 0-2 or auto",
+            check=lambda s: s.method.type not in NO_ZERO3_METHODS or s.distributed.zero_stage != 3,
+        ),
+        Rule(
+            cel="!has(self.distributed) || !has(self.distributed.offload) || "
+            "self.distributed.offload in ['none', 'auto'] || !has(self.training) || "
+            "!has(self.training.optimizer) || self.training.optimizer == 'adamw'",
+            message="distributed.offload optimizer/all needs training.optimizer adamw (DeepSpeed CPU Adam)",
+            check=lambda s: (
+                s.distributed.offload in (Offload.NONE, "auto") or s.training.optimizer in OFFLOAD_OPTIMIZERS
+            ),
+        ),
+    )
+
+
+# --- status -------------------------------------------------------------------------------------------
+
+
+class Condition(ApiModel):
+    """A Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Planned, Running, Succeeded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=1024, description="CamelCase reason for the last change.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The spec generation this reflects.")
+
+
+class PlanStatus(ApiModel):
+    """What the planner chose and why it fits."""
+
+    fits: bool = Field(description="Whether the per-GPU peak fits in usable GPU memory.")
+    gpus: int = Field(ge=0, description="Total GPUs.")
+    nodes: int = Field(ge=0, description="Worker pods (one per node).")
+    gpus_per_node: int = Field(ge=0, description="GPUs per worker.")
+    zero_stage: int = Field(ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    offload: Offload = Field(description="What ZeRO offloads to host memory.")
+    gpu_type: str | None = Field(default=None, description="GPU product planned for.")
+    per_gpu_bytes: int = Field(ge=0, description="Estimated peak memory per GPU.")
+    usable_bytes: int = Field(ge=0, description="GPU memory less headroom.")
+    host_bytes_per_node: int = Field(
+        default=0, ge=0, description="Host memory offloaded states need per node."
+    )
+    breakdown: dict[str, int] = Field(default_factory=dict, description="Per-GPU bytes by component.")
+    total_params: int = Field(default=0, ge=0, description="Parameters in the model.")
+    trainable_params: int = Field(default=0, ge=0, description="Parameters that train.")
+    message: str = Field(default="", description="The planner's explanation.")
+
+
+class WorkersStatus(ApiModel):
+    """Worker pod counts by phase."""
+
+    total: int = Field(default=0, ge=0, description="Workers the job wants.")
+    pending: int = Field(default=0, ge=0, description="Workers not yet running.")
+    running: int = Field(default=0, ge=0, description="Workers running.")
+    succeeded: int = Field(default=0, ge=0, description="Workers that finished.")
+    failed: int = Field(default=0, ge=0, description="Workers that failed.")
+
+
+class ProgressStatus(ApiModel):
+    """Training progress as reported by rank 0."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, ge=0, description="Optimizer steps planned.")
+    epoch: float = Field(default=0.0, ge=0, description="Epochs done (fractional).")
+    percent: int = Field(default=0, ge=0, le=100, description="step / totalSteps in percent.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput, all GPUs.")
+    peak_memory_bytes: int | None = Field(default=None, description="Measured peak GPU memory on rank 0.")
+    eta: str | None = Field(default=None, description="Estimated time left, e.g. 1h02m.")
+    display: str | None = Field(
+        default=None, description="Percent and steps for kubectl get, e.g. 42% (420/1000)."
+    )
+    updated_at: str | None = Field(default=None, description="When rank 0 last reported (RFC 3339).")
+
+
+class CheckpointStatus(ApiModel):
+    """The newest complete checkpoint."""
+
+    step: int = Field(ge=0, description="Step it was saved at.")
+    path: str = Field(description="Where it is.")
+    time: str | None = Field(default=None, description="When it was saved (RFC 3339).")
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state, written only by the operator."""
+
+    phase: (
+        Literal["Pending", "Scheduling", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None
+    ) = Field(
+        default=None, description="Pending, Scheduling, Running, Restarting, Suspended, Succeeded, Failed."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
+    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
+    plan: PlanStatus | None = Field(default=None, description="The resource plan.")
+    workers: WorkersStatus | None = Field(default=None, description="Worker pod counts.")
+    progress: ProgressStatus | None = Field(default=None, description="Training progress.")
+    restarts: int = Field(default=0, ge=0, description="Whole-gang restarts so far.")
+    last_checkpoint: CheckpointStatus | None = Field(default=None, description="Newest complete checkpoint.")
+    start_time: str | None = Field(default=None, description="When workers were first created (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+    message: str | None = Field(default=None, description="Summary of the current state.")
+
+
+class ObjectMeta(ApiModel):
+    """The metadata fields ftctl reads; the API server owns the rest."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+
+    name: str = Field(default="finetunejob", description="Object name.")
+    namespace: str | None = Field(default=None, description="Object namespace.")
+    generation: int | None = Field(default=None, description="Spec generation.")
+    uid: str | None = Field(default=None, description="Object UID.")
+
+
+class FineTuneJob(ApiModel):
+    """A fine-tuning job: the operator plans GPUs and ZeRO, runs the workers and reports progress."""
+
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(
+        default="finetune.dev/v1alpha1", description="API version."
+    )
+    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="FineTuneJob.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="Desired job.")
+    status: FineTuneJobStatus | None = Field(default=None, description="Observed state.")
+
+
+def parse_job(document: dict[str, Any]) -> FineTuneJob:
+    """Validate a FineTuneJob document (raises pydantic.ValidationError naming the camelCase fields)."""
+    return FineTuneJob.model_validate(document)

@@ -1,0 +1,126 @@
+"""`ftctl train`: run a FineTuneJob on this machine with the trainer the pods run (like `llamafactory-cli train`).
+
+    ftctl train -f job.yaml --nproc-per-node 2 --output-dir ./out
+
+It plans the job as the operator does, renders the trainer config with the same `render_trainer_config`,
+writes it to `<output>/trainer_config.yaml`, and runs
+`python -m finetune_trainer.launch --standalone --nproc_per_node N -m finetune_trainer --config …`
+(torchrun keeping the workers' exit codes; DeepSpeed on gloo when there is no GPU). Local paths and
+file:// URIs are accepted for model, data set and output; pvc:// claims need `--mount CLAIM=PATH`.
+The exit status is the trainer's (0, 75 retryable, 78 configuration error, 79 out of memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from finetune_operator.api.models import FineTuneJob
+from finetune_operator.cli.common import CliError, load_job, local_architecture
+from finetune_operator.core.plan import plan
+from finetune_operator.core.trainer_config import render_trainer_config
+from finetune_trainer.config import CONFIG_FILE, ProgressSettings, TrainerConfig, write_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="run a FineTuneJob locally with the workers' trainer (torchrun + DeepSpeed)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-f", "--filename", type=Path, required=True, help="FineTuneJob YAML")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=1, help="worker processes (one per GPU; on CPU, any count)"
+    )
+    p.add_argument("--output-dir", type=Path, help="write here instead of spec.output.uri")
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="CLAIM=PATH",
+        help="where a pvc:// claim is on this machine",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="write the trainer config, print the command, run nothing"
+    )
+    p.set_defaults(run=run)
+
+
+def local_job(job: FineTuneJob, output_dir: Path | None) -> FineTuneJob:
+    """The job with relative local paths made absolute (the config is read from another directory) and
+    the output redirected; URIs with a scheme are left as they are."""
+    spec = job.spec
+
+    def absolute(uri: str | None) -> str | None:
+        if uri is None or "://" in uri:
+            return uri
+        return str(Path(uri).resolve())
+
+    output = spec.output.model_copy(
+        update={"uri": str(output_dir.resolve()) if output_dir else absolute(spec.output.uri)}
+    )
+    checkpointing = spec.checkpointing.model_copy(update={"uri": absolute(spec.checkpointing.uri)})
+    model = spec.model.model_copy(update={"uri": absolute(spec.model.uri)})
+    dataset = spec.dataset.model_copy(update={"uri": absolute(spec.dataset.uri)})
+    new_spec = spec.model_copy(
+        update={"model": model, "dataset": dataset, "output": output, "checkpointing": checkpointing}
+    )
+    return job.model_copy(update={"spec": new_spec})
+
+
+def parse_mounts(entries: list[str]) -> dict[str, str]:
+    mounts = {}
+    for entry in entries:
+        claim, sep, path = entry.partition("=")
+        if not sep or not claim or not path:
+            raise CliError(f"--mount {entry!r}: expected CLAIM=PATH")
+        mounts[claim] = str(Path(path).resolve())
+    return mounts
+
+
+def build_config(args: argparse.Namespace) -> TrainerConfig:
+    """Plan and render exactly as the operator does, with this machine's paths and process count."""
+    if args.nproc_per_node < 1:
+        raise CliError("--nproc-per-node must be at least 1")
+    job = local_job(load_job(args.filename), args.output_dir)
+    planned = plan(job.spec, arch=local_architecture(job.spec.model.uri))
+    return render_trainer_config(
+        job,
+        planned,
+        mounts=parse_mounts(args.mount),
+        world_size=args.nproc_per_node,
+        progress=ProgressSettings(reporter="file", interval_seconds=0.0, metrics_port=None),
+    )
+
+
+def launch_command(config_path: Path, nproc: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "finetune_trainer.launch",
+        "--standalone",  # a private rendezvous on a free port: two local runs never collide
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "finetune_trainer",
+        "--config",
+        str(config_path),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    config_path = write_config(config, Path(config.paths.output) / CONFIG_FILE)
+    command = launch_command(config_path, args.nproc_per_node)
+    print(
+        f"ftctl train: {config.method.type.value}, ZeRO-{config.zero_stage}, {args.nproc_per_node} process(es); "
+        f"config {config_path}",
+        file=sys.stderr,
+    )
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    return subprocess.call(command)

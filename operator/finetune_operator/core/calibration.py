@@ -1,0 +1,176 @@
+"""The published measurements the estimator is checked against (shared/reference/measured-peak-memory.md).
+
+One definition for the benchmark (bench/estimator.py) and the regression test, so the two cannot drift.
+
+How each row is made comparable, without per-row fudge factors:
+- Sources measure different things. torchtune and litgpt report `torch.cuda.max_memory_allocated()`:
+  compared with the estimate less CUDA context and allocator fragmentation. PEFT's method comparison
+  reports max reserved minus the reserved memory at start: compared with the estimate less the context.
+- Sequence length: a peak is reached on the longest batch, which is padded to the longest sample, so the
+  effective length is the cap (torchtune's 512, PEFT's 768) or the longest sample (full Alpaca with the
+  Llama 2 tokenizer: 1304), not the mean.
+- torchtune and litgpt ("bf16-true") train everything in bf16, Adam states included: master_weights=False.
+  PEFT keeps adapters in fp32 (master_weights=True); its full fine-tuning loads the model in bf16 and
+  uses torch AdamW, so states are bf16 (master_weights=False).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from finetune_operator.api.enums import Method
+from finetune_operator.core.architecture import catalogue_architecture
+from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
+
+Measure = Literal["allocated", "reserved_minus_initial"]
+
+#: Rows the model of today's stack does not reach, and why (no per-row factor is applied to them).
+UNEXPLAINED_GAPS = {
+    "C1": "not explained. torchtune's QLoRA peak is ~4.6 GB above the prediction while its LoRA run with the "
+    "same settings (C2) is within 9%; the gap is larger than the whole NF4 base (3.3 GB), so it is not a "
+    "training-step tensor we miss. A load-time peak (quantizing a resident 16-bit checkpoint) would fit, "
+    "but is unverified; a GPU measurement of our own trainer should replace this row.",
+    "C6": "litgpt's QLoRA used bitsandbytes versions whose MatMul4Bit saved each quantized layer's input for "
+    "backward (~4·h + 2·intermediate bytes per token per layer, ~1.7 GB here); the installed bitsandbytes "
+    "saves only the quantized weight, so the estimator does not count them.",
+    "C7": "as C6.",
+}
+
+
+@dataclass(frozen=True)
+class CalibrationRow:
+    row: str
+    description: str
+    setup: TrainingSetup
+    measured_bytes: int
+    measure: Measure
+    source: str
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    row: CalibrationRow
+    estimate: MemoryEstimate
+    predicted_bytes: int
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the prediction against the measurement."""
+        return (self.predicted_bytes - self.row.measured_bytes) / self.row.measured_bytes
+
+
+def comparable_bytes(result: MemoryEstimate, measure: Measure) -> int:
+    """The part of the estimate that the source's measure sees."""
+    seen = result.per_gpu_bytes - result.overhead["cuda_context"]
+    if measure == "allocated":
+        seen -= result.overhead["fragmentation"]
+    return seen
+
+
+def calibration_rows() -> list[CalibrationRow]:
+    llama2 = catalogue_architecture("meta-llama/Llama-2-7b-hf")
+    llama32 = catalogue_architecture("meta-llama/Llama-3.2-3B")
+    tt = "torchtune docs (lora/qlora tutorials), torch peak allocated"
+    lit = "litgpt tutorials/resource-tables.md, torch peak allocated"
+    peft = "peft method_comparison MetaMathQA, max reserved minus initial"
+
+    def torchtune(method: Method, **changes: Any) -> TrainingSetup:
+        base = TrainingSetup(llama2, method, micro_batch_size=2, seq_len=512, gradient_checkpointing=True)
+        return replace(base, master_weights=False, **changes)
+
+    def litgpt(method: Method, batch: int, **changes: Any) -> TrainingSetup:
+        base = TrainingSetup(llama2, method, micro_batch_size=batch, seq_len=1304, master_weights=False)
+        return replace(base, **changes)
+
+    def peft_setup(method: Method, **changes: Any) -> TrainingSetup:
+        return replace(TrainingSetup(llama32, method, micro_batch_size=4, seq_len=768), **changes)
+
+    gb = 10**9
+    return [
+        CalibrationRow(
+            "C1", "Llama-2-7B QLoRA r8 q,v", torchtune(Method.QLORA), int(9.29 * gb), "allocated", tt
+        ),
+        CalibrationRow(
+            "C2", "Llama-2-7B LoRA r8 q,v", torchtune(Method.LORA), int(15.57 * gb), "allocated", tt
+        ),
+        CalibrationRow(
+            "C3",
+            "Llama-2-7B LoRA r64 all linear",
+            torchtune(Method.LORA, lora_r=64, lora_target_modules=("all-linear",)),
+            int(17.04 * gb),
+            "allocated",
+            tt,
+        ),
+        CalibrationRow(
+            "C4", "Llama-2-7B LoRA r8 q,v, b1", litgpt(Method.LORA, 1), int(21.30 * gb), "allocated", lit
+        ),
+        CalibrationRow(
+            "C5", "Llama-2-7B LoRA r8 q,v, b2", litgpt(Method.LORA, 2), int(29.07 * gb), "allocated", lit
+        ),
+        CalibrationRow(
+            "C6",
+            "Llama-2-7B QLoRA NF4 r8 q,v",
+            litgpt(Method.QLORA, 1, double_quant=False),
+            int(14.14 * gb),
+            "allocated",
+            lit,
+        ),
+        CalibrationRow(
+            "C7", "Llama-2-7B QLoRA NF4+DQ r8 q,v", litgpt(Method.QLORA, 1), int(13.84 * gb), "allocated", lit
+        ),
+        CalibrationRow(
+            "C8",
+            "Llama-3.2-3B full",
+            peft_setup(Method.FULL, master_weights=False),
+            int(38.87 * gb),
+            "reserved_minus_initial",
+            peft,
+        ),
+        CalibrationRow(
+            "C9",
+            "Llama-3.2-3B LoRA r32",
+            peft_setup(Method.LORA, lora_r=32),
+            int(22.29 * gb),
+            "reserved_minus_initial",
+            peft,
+        ),
+        CalibrationRow(
+            "C10",
+            "Llama-3.2-3B prefix",
+            peft_setup(Method.PREFIX),
+            int(21.95 * gb),
+            "reserved_minus_initial",
+            peft,
+        ),
+        CalibrationRow(
+            "C11",
+            "Llama-3.2-3B prompt",
+            peft_setup(Method.PROMPT),
+            int(24.39 * gb),
+            "reserved_minus_initial",
+            peft,
+        ),
+        CalibrationRow(
+            "C12",
+            "Llama-3.2-3B DoRA r32",
+            peft_setup(Method.DORA, lora_r=32),
+            int(24.53 * gb),
+            "reserved_minus_initial",
+            peft,
+        ),
+    ]
+
+
+def calibrate() -> list[CalibrationResult]:
+    """Predict every row from the estimator as it is now."""
+    results = []
+    for row in calibration_rows():
+        result = estimate(row.setup)
+        results.append(CalibrationResult(row, result, comparable_bytes(result, row.measure)))
+    return results
+
+
+def median_abs_error(results: list[CalibrationResult]) -> float:
+    return statistics.median(abs(r.error) for r in results)

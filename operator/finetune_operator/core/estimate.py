@@ -1,0 +1,243 @@
+"""Per-GPU peak memory of a fine-tuning job, from its architecture and training setup alone.
+
+Pure arithmetic (no torch), so the planner can afford thousands of estimates per plan.
+
+Accounting, per trainable parameter (DeepSpeed's, since the operator runs DeepSpeed):
+- 16-bit with `master_weights`: 2 bytes working weight, 2 bytes 16-bit gradient, 4 bytes fp32 gradient
+  (exists only around the optimizer step), 4 bytes fp32 master copy, Adam's m and v in fp32 (8 bytes).
+  That is DeepSpeed's 2 + 18 bytes; the ZeRO paper's "16 bytes" leaves out the fp32 gradient.
+- 16-bit without master weights: weight, gradient and both Adam moments in the same 16-bit dtype
+  (8 bytes; torch's AdamW keeps states in the parameter's dtype).
+- fp32: 4 + 4 + 8 bytes.
+- 8-bit AdamW (paged or not): 2 bytes of states. Paged states can move to host under pressure; they
+  are counted on the GPU, which is where they live while they fit.
+- SGD: no state. The HF Trainer's `sgd` is torch SGD without momentum; with momentum it would be one
+  moment (4 bytes fp32), which this estimator does not model.
+
+ZeRO shards across `world_size` ranks: stage 1 the optimizer (master copy, states, fp32 gradients),
+stage 2 also the 16-bit gradients, stage 3 also the parameters, plus the largest module gathered in
+full with its gradient before reduce-scatter (DeepSpeed's `4·largest_layer_params`). Offload moves the
+optimizer and fp32 gradients (and under `all` the parameters) to host memory; gradients then stream to
+host through the reduce buckets instead of staying on the GPU.
+
+Peak: the largest of two moments. At the start of backward all activations and the loss tensors are
+alive, but (without gradient accumulation or ZeRO-2/3's persistent gradient buffers) only the LM
+head's gradient exists yet. At the optimizer step all gradients exist and activations are gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from finetune_operator.api.enums import Offload, Optimizer, Precision
+from finetune_operator.core.activations import ActivationEstimate, activation_bytes
+from finetune_operator.core.setup import TrainingSetup, validate
+from finetune_operator.methods import method_model
+from finetune_operator.methods.base import MethodFootprint
+
+__all__ = [
+    "CUDA_CONTEXT_BYTES",
+    "FRAGMENTATION",
+    "MemoryEstimate",
+    "TrainingSetup",
+    "estimate",
+    "trainable_params",
+]
+
+#: CUDA context and kernels a process holds before it allocates anything (~0.3-0.6 GiB by GPU/driver).
+CUDA_CONTEXT_BYTES = 512 * 1024**2
+#: Share of the dynamic allocations (activations, gradients) that the caching allocator reserves but
+#: cannot reuse: torch's max_memory_reserved typically exceeds max_memory_allocated by 5-15%.
+FRAGMENTATION = 0.10
+#: DeepSpeed defaults in elements (deepspeed/runtime/zero/config.py): the reduce bucket and ZeRO-3's
+#: prefetch bucket. Each bucket is capped at what it could ever hold.
+REDUCE_BUCKET_ELEMS = 500_000_000
+PREFETCH_BUCKET_ELEMS = 50_000_000
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The predicted peak on each GPU, as `torch.cuda.max_memory_reserved()` plus the CUDA context.
+
+    - `breakdown`: what is resident at the peak moment (weights, gradients, optimizer, activations,
+      overhead); it sums to `per_gpu_bytes`. When the optimizer step is the peak, activations are 0.
+    - `model_states`: full per-GPU sizes of weights, gradients (16-bit and fp32) and optimizer, whether
+      or not they coexist — what DeepSpeed's model-state estimators count.
+    - `activation_bytes`: activations at their own peak, even when another moment is the overall peak.
+    - `host_bytes`: host memory per GPU (rank) for offloaded states; multiply by GPUs per node.
+    - `peak_phase`: "backward" or "optimizer_step".
+    """
+
+    per_gpu_bytes: int
+    breakdown: Mapping[str, int]
+    host_bytes: int
+    total_params: int
+    trainable_params: int
+    model_states: Mapping[str, int] = field(default_factory=dict)
+    activation_bytes: int = 0
+    overhead: Mapping[str, int] = field(default_factory=dict)
+    peak_phase: str = "backward"
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _PerParam:
+    """Bytes per trainable parameter, before any sharding."""
+
+    weight: int
+    grad16: int
+    grad32: int
+    master: int
+    states: int
+    step_temp: int
+
+
+def _per_param(setup: TrainingSetup) -> _PerParam:
+    mixed = setup.sixteen_bit and setup.master_weights
+    weight = 2 if setup.sixteen_bit else 4
+    full_state = 4 if mixed or setup.precision == Precision.FP32 else 2  # one Adam moment
+    states = {
+        Optimizer.ADAMW: 2 * full_state,
+        Optimizer.ADAMW_8BIT: 2,
+        Optimizer.PAGED_ADAMW_8BIT: 2,
+        Optimizer.SGD: 0,
+    }[setup.optimizer]
+    # torch's foreach AdamW (no DeepSpeed) allocates about one moment-sized temporary during the step;
+    # DeepSpeed's fused and CPU Adam update in place.
+    step_temp = full_state if setup.optimizer == Optimizer.ADAMW and setup.zero_stage == 0 else 0
+    return _PerParam(
+        weight=weight,
+        grad16=weight,
+        grad32=4 if mixed else 0,
+        master=4 if mixed else 0,
+        states=states,
+        step_temp=step_temp,
+    )
+
+
+def trainable_params(setup: TrainingSetup) -> int:
+    """Parameters that receive gradients under the setup's method."""
+    return method_model(setup.method).footprint(setup).trainable_params
+
+
+def _footprint(setup: TrainingSetup) -> MethodFootprint:
+    validate(setup)
+    model = method_model(setup.method)
+    model.validate(setup)
+    return model.footprint(setup)
+
+
+def estimate(setup: TrainingSetup) -> MemoryEstimate:
+    """Predict the per-GPU peak; raises ValueError for setups that cannot run (see `setup.validate`)."""
+    fp = _footprint(setup)
+    arch = setup.arch
+    n, stage = setup.world_size, setup.zero_stage
+    pp = _per_param(setup)
+    pt = fp.trainable_params
+    offload_opt = setup.offload != Offload.NONE
+    offload_params = setup.offload == Offload.ALL
+
+    def shard(nbytes: int, from_stage: int) -> int:
+        return -(-nbytes // n) if stage >= from_stage else nbytes
+
+    all_weights = fp.frozen_weight_bytes + pt * pp.weight
+    live_weights = arch.largest_layer_params() * pp.weight if stage == 3 else 0
+    weights = (0 if offload_params else shard(all_weights, 3)) + live_weights
+    optimizer_all = shard(pt * (pp.master + pp.states), 1)
+    grad16 = shard(pt * pp.grad16, 2)
+    grad32 = shard(pt * pp.grad32, 1)
+    live_grads = fp.trainable_largest_layer * pp.grad16 if stage == 3 else 0
+    step_temp = pt * pp.step_temp
+    host = 0
+    if offload_opt:
+        # Optimizer and fp32 gradients (fp32 even in pure 16-bit: DeepSpeed's CPU Adam works in fp32).
+        host = optimizer_all + shard(pt * 4, 1) + (shard(all_weights, 3) if offload_params else 0)
+        optimizer, grad16, grad32 = 0, 0, 0
+    else:
+        optimizer = optimizer_all
+
+    acts: ActivationEstimate = activation_bytes(
+        arch,
+        fp,
+        act_bytes=2 if setup.sixteen_bit else 4,
+        attention=setup.attention,
+        micro_batch=setup.micro_batch_size,
+        seq_len=setup.seq_len,
+        checkpointing=setup.gradient_checkpointing,
+    )
+    # Gradients alive at the start of backward: all of them under accumulation or in ZeRO-3's persistent
+    # partition buffer; otherwise (ZeRO-2 frees its partition buffer after each step) only the head's.
+    if setup.gradient_accumulation_steps > 1 or stage == 3:
+        resident_grads = grad16 + live_grads
+    elif fp.head_trained:
+        resident_grads = min(grad16, shard(arch.vocab_size * arch.hidden_size * pp.grad16, 2))
+    else:
+        resident_grads = 0
+    step_grads = grad16 + grad32
+
+    buckets_bwd, buckets_step = _deepspeed_buffers(setup, pt, arch.total_params(), pp.grad16)
+    backward = {"gradients": resident_grads, "activations": acts.total, "buffers": buckets_bwd, "temp": 0}
+    step = {"gradients": step_grads, "activations": 0, "buffers": buckets_step, "temp": step_temp}
+
+    # The peak is the larger phase counted whole, fragmentation included: comparing the phases without it
+    # could pick the smaller one, and then more activations would lower the estimate.
+    def with_fragmentation(moment: dict[str, int]) -> int:
+        return sum(moment.values()) + int(FRAGMENTATION * (moment["gradients"] + moment["activations"]))
+
+    backward_total, step_total = with_fragmentation(backward), with_fragmentation(step)
+    phase, moment = ("backward", backward) if backward_total >= step_total else ("optimizer_step", step)
+
+    dynamic = moment["gradients"] + moment["activations"]
+    overhead = {
+        "cuda_context": CUDA_CONTEXT_BYTES,
+        "fragmentation": int(FRAGMENTATION * dynamic),
+        "deepspeed_buffers": moment["buffers"],
+    }
+    optimizer_at_peak = optimizer + moment["temp"]
+    breakdown = {
+        "weights": weights,
+        "gradients": moment["gradients"],
+        "optimizer": optimizer_at_peak,
+        "activations": moment["activations"],
+        "overhead": sum(overhead.values()),
+    }
+    notes: list[str] = []
+    if setup.optimizer == Optimizer.PAGED_ADAMW_8BIT:
+        notes.append("paged optimizer states are counted on the GPU; under pressure they page to host")
+    if offload_opt:
+        notes.append("offloaded optimizer states need host memory: host_bytes per GPU")
+    return MemoryEstimate(
+        per_gpu_bytes=sum(breakdown.values()),
+        breakdown=MappingProxyType(breakdown),
+        host_bytes=host,
+        total_params=arch.total_params(),
+        trainable_params=pt,
+        model_states=MappingProxyType(
+            {
+                "weights": weights,
+                "gradients": grad16 + grad32 + live_grads,
+                "optimizer": optimizer,
+            }
+        ),
+        activation_bytes=acts.total,
+        overhead=MappingProxyType(overhead),
+        peak_phase=phase,
+        notes=tuple(notes),
+    )
+
+
+def _deepspeed_buffers(setup: TrainingSetup, pt: int, total: int, grad_bytes: int) -> tuple[int, int]:
+    """(bytes during backward, bytes during the step) of ZeRO's communication buckets.
+
+    The reduce bucket (and ZeRO-3's prefetch bucket) are allocated whatever the world size. The
+    all-gather after the step writes into the existing 16-bit parameter buffers in chunks of
+    `allgather_bucket_size`, so it adds no buffer of its own.
+    """
+    if setup.zero_stage == 0:
+        return 0, 0
+    reduce = min(REDUCE_BUCKET_ELEMS, pt) * grad_bytes
+    if setup.zero_stage == 3:
+        return reduce + min(PREFETCH_BUCKET_ELEMS, total) * grad_bytes, 0
+    return reduce, 0

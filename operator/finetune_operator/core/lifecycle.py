@@ -1,0 +1,452 @@
+"""Decide what one job needs next, purely: `reconcile(job, spec, status, desired, pods, now) -> Actions`.
+
+All the state it needs lives in the API server — the job's status (phase, restarts, conditions and
+their transition times, startTime, completionTime) and its pods (labelled with the attempt they belong
+to) — so the same inputs give the same answer in any operator replica, before or after a restart.
+The adapter applies the answer in a fixed order: status first (guarded by the resourceVersion it was
+decided from), then objects, then events. Writing status first is what keeps a crash between the two
+harmless: the restart counter is bumped before the old gang is deleted, so a repeated decision finds
+pods of an older attempt (stale, deleted again) instead of counting the same failure twice.
+
+The rules, in the order they apply:
+1. finished jobs only clean up leftover active pods and honour ttlSecondsAfterFinished;
+2. a spec that cannot run (invalid, or the planner's MemoryFits verdict) fails without creating pods;
+3. runPolicy.suspend removes the gang and keeps the status (phase Suspended); resuming recreates it
+   and restarts the activeDeadlineSeconds clock, as a Kubernetes Job does;
+4. activeDeadlineSeconds fails the job;
+5. pods of an older attempt, or from an older spec generation whose rendering changed, are deleted
+   first (a spec change to a running job is applied by a clean restart that does not count against
+   backoffLimit); nothing new is created while any remain, because the names are reused;
+6. one failed worker fails the gang: a permanent exit code (config error, OOM) fails the job, an
+   exhausted backoffLimit fails it, anything else deletes the whole gang and recreates it after an
+   exponential backoff, and the trainer resumes from its newest checkpoint;
+7. missing workers are created; the phase and conditions follow from what the pods say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from finetune_operator.api.models import CheckpointStatus, FineTuneJobSpec, FineTuneJobStatus, RunPolicySpec
+from finetune_operator.core.render import Desired, JobRef, SpecProblem
+from finetune_operator.core.status import (
+    CONFIG_WAIT_REASONS,
+    FINISHED,
+    IMAGE_PULL_REASONS,
+    ConditionType,
+    GangObservation,
+    Phase,
+    Worker,
+    WorkerState,
+    get_condition,
+    observe,
+    parse_time,
+    progress_status,
+    read_progress,
+    read_worker,
+    rfc3339,
+    set_condition,
+)
+from finetune_trainer.exit_codes import ExitCode, describe
+
+#: How soon to look again while waiting for the API server to finish something (pods terminating).
+SHORT_REQUEUE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class LifecyclePolicy:
+    """Operator-wide lifecycle settings (the job's own runPolicy holds the per-job ones)."""
+
+    #: First whole-gang restart waits this long; each next one twice as long (seconds).
+    restart_backoff_seconds: float = 10.0
+    #: The cap on that wait (seconds): a long-running job should not sleep for hours between tries.
+    restart_backoff_max_seconds: float = 300.0
+    #: Exit codes that fail the job at once: the same config fails the same way again.
+    permanent_exit_codes: frozenset[int] = frozenset({ExitCode.CONFIG_ERROR, ExitCode.OUT_OF_MEMORY})
+
+    def backoff(self, restarts: int) -> float:
+        """The wait before recreating the gang for restart number `restarts` (1-based)."""
+        return float(
+            min(self.restart_backoff_seconds * 2 ** max(restarts - 1, 0), self.restart_backoff_max_seconds)
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes event to post on the job."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Actions:
+    """What to do, applied in this order: status, ensure, delete, create, events, delete the job."""
+
+    status: FineTuneJobStatus
+    status_changed: bool
+    ensure: tuple[dict[str, Any], ...] = ()  # ConfigMap and Service: create if absent, update if different
+    delete_pods: tuple[str, ...] = ()
+    create_pods: tuple[dict[str, Any], ...] = ()
+    events: tuple[Event, ...] = ()
+    delete_job: bool = False
+    requeue_after: float | None = None  # seconds until something is due (backoff, deadline, ttl)
+
+
+@dataclass
+class _Decision:
+    """Accumulates one reconcile's decision; the only mutable thing here, local to `reconcile`."""
+
+    before: FineTuneJobStatus
+    now: datetime
+    generation: int
+    status: FineTuneJobStatus = field(init=False)
+    events: list[Event] = field(default_factory=list)
+    ensure: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete_job: bool = False
+    requeue: float | None = None
+
+    def __post_init__(self) -> None:
+        self.status = self.before.model_copy(deep=True)
+
+    def condition(self, kind: ConditionType, ok: bool, reason: str, message: str) -> bool:
+        """Set a condition; True when its status or reason changed (worth an event)."""
+        previous = get_condition(self.status.conditions, kind)
+        self.status.conditions = set_condition(
+            self.status.conditions, kind, ok, reason, message, self.now, self.generation
+        )
+        return previous is None or previous.status != ("True" if ok else "False") or previous.reason != reason
+
+    def clear(self, kind: ConditionType, reason: str, message: str) -> None:
+        """Set a condition False only if it exists and is True (no noise on jobs that never had it)."""
+        previous = get_condition(self.status.conditions, kind)
+        if previous is not None and previous.status == "True":
+            self.condition(kind, False, reason, message)
+
+    def phase(self, phase: Phase, message: str, event: Literal["Normal", "Warning"] = "Normal") -> None:
+        """Move to `phase`; a transition posts an event whose reason is the new phase."""
+        if self.status.phase != phase:
+            self.events.append(Event(event, phase.value, message))
+        self.status.phase = phase.value
+        self.status.message = message
+
+    def fail(self, reason: str, message: str) -> None:
+        self.condition(ConditionType.FAILED, True, reason, message)
+        self.clear(ConditionType.SUCCEEDED, reason, message)
+        self.clear(ConditionType.RUNNING, reason, message)
+        self.clear(ConditionType.RESTARTING, reason, message)
+        self.status.completion_time = self.status.completion_time or rfc3339(self.now)
+        if self.status.phase != Phase.FAILED.value:
+            self.events.append(Event("Warning", reason, message))
+        self.status.phase = Phase.FAILED.value
+        self.status.message = message
+
+    def remove(self, workers: Iterable[Worker]) -> None:
+        self.delete.extend(w.name for w in workers if not w.deleting and w.name not in self.delete)
+
+    def after(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
+
+    def actions(self) -> Actions:
+        changed = self.status.model_dump(mode="json") != self.before.model_dump(mode="json")
+        return Actions(
+            status=self.status,
+            status_changed=changed,
+            ensure=tuple(self.ensure),
+            delete_pods=tuple(self.delete),
+            create_pods=tuple(self.create),
+            events=tuple(self.events),
+            delete_job=self.delete_job,
+            requeue_after=self.requeue,
+        )
+
+
+def reconcile(
+    job: JobRef,
+    spec: FineTuneJobSpec | None,
+    status: FineTuneJobStatus,
+    desired: Desired | SpecProblem,
+    pods: Sequence[Mapping[str, Any]],
+    now: datetime,
+    policy: LifecyclePolicy,
+) -> Actions:
+    """The next step for one job, given its spec (None when it does not parse), status and pods."""
+    d = _Decision(status, now, job.generation)
+    workers = [read_worker(pod) for pod in pods]
+    ours = [w for w in workers if w.owner_uid == job.uid]
+    foreign = [w for w in workers if w.owner_uid != job.uid]
+    run_policy = spec.run_policy if spec is not None else RunPolicySpec()
+
+    if d.status.phase in FINISHED:
+        _finished(d, ours, run_policy)
+        return d.actions()
+
+    if isinstance(desired, SpecProblem):
+        _cannot_run(d, desired, ours)
+        return d.actions()
+
+    d.status.plan = desired.plan
+    d.status.observed_generation = job.generation
+    d.condition(ConditionType.PLANNED, True, "Planned", desired.plan.message)
+    d.condition(ConditionType.MEMORY_FITS, True, "MemoryFits", desired.plan.message)
+    if d.status.phase is None:
+        d.phase(Phase.PENDING, f"planned {desired.plan.message}")
+
+    current = [
+        w for w in ours if w.attempt == d.status.restarts and not _outdated(w, desired, job.generation)
+    ]
+    stale = [w for w in ours if w not in current]
+    gang = observe(current, desired.plan.nodes)
+    d.status.workers = gang.counts()
+    _progress(d, gang)
+
+    if run_policy.suspend:
+        d.status.workers = gang.counts(missing_are_pending=False)
+        _suspend(d, ours)
+        return d.actions()
+    if d.status.phase == Phase.SUSPENDED.value:
+        d.condition(ConditionType.SUSPENDED, False, "Resumed", "runPolicy.suspend is false")
+        d.events.append(Event("Normal", "Resumed", "recreating the workers"))
+        d.status.phase = Phase.PENDING.value
+
+    if _deadline_passed(d, run_policy, ours):
+        return d.actions()
+
+    wanted = {pod["metadata"]["name"] for pod in desired.pods}
+    blocking = [w for w in foreign if w.name in wanted]
+    if stale or blocking:
+        _replace_stale(d, stale, blocking, job, desired)
+        return d.actions()
+
+    failure = gang.first_failure
+    if failure is not None:
+        _gang_failed(d, failure, current, run_policy, policy)
+        return d.actions()
+
+    if d.status.phase == Phase.RESTARTING.value and _backing_off(d, policy):
+        return d.actions()
+
+    if gang.missing:
+        d.ensure.extend([desired.configmap, desired.service])
+        d.create.extend(desired.pods[i] for i in gang.missing)
+        if not current:
+            d.events.append(
+                Event(
+                    "Normal",
+                    "CreatedWorkers",
+                    f"created {len(gang.missing)} worker(s), attempt {d.status.restarts}",
+                )
+            )
+        d.status.start_time = d.status.start_time or rfc3339(d.now)
+        _arm_deadline(d, run_policy)
+
+    _follow_pods(d, gang, run_policy)
+    return d.actions()
+
+
+# --- the rules ----------------------------------------------------------------------------------------
+
+
+def _finished(d: _Decision, ours: Sequence[Worker], run_policy: RunPolicySpec) -> None:
+    """Succeeded or Failed: remove workers still holding GPUs, delete the job when its TTL is up."""
+    d.remove(w for w in ours if w.active)
+    ttl = run_policy.ttl_seconds_after_finished
+    finished = parse_time(d.status.completion_time)
+    if ttl is None or finished is None:
+        return
+    left = (finished + timedelta(seconds=ttl) - d.now).total_seconds()
+    if left <= 0:
+        d.delete_job = True
+    else:
+        d.after(left)
+
+
+def _cannot_run(d: _Decision, problem: SpecProblem, ours: Sequence[Worker]) -> None:
+    if problem.plan is not None:
+        d.status.plan = problem.plan
+    d.condition(ConditionType.PLANNED, False, problem.reason, problem.message)
+    if problem.reason == "MemoryFits":
+        d.condition(ConditionType.MEMORY_FITS, False, "MemoryFits", problem.message)
+    d.remove(w for w in ours if w.active)
+    d.fail(problem.reason, problem.message)
+
+
+def _suspend(d: _Decision, ours: Sequence[Worker]) -> None:
+    d.remove(ours)
+    d.status.start_time = None  # the deadline clock restarts on resume
+    message = "workers removed; set runPolicy.suspend to false to resume"
+    d.condition(ConditionType.SUSPENDED, True, "Suspended", message)
+    d.clear(ConditionType.RUNNING, "Suspended", message)
+    d.phase(Phase.SUSPENDED, message)
+    if ours:
+        d.after(SHORT_REQUEUE_SECONDS)  # until the workers are gone
+
+
+def _deadline_passed(d: _Decision, run_policy: RunPolicySpec, ours: Sequence[Worker]) -> bool:
+    limit = run_policy.active_deadline_seconds
+    started = parse_time(d.status.start_time)
+    if limit is None or started is None:
+        return False
+    left = (started + timedelta(seconds=limit) - d.now).total_seconds()
+    if left > 0:
+        d.after(left)
+        return False
+    d.remove(w for w in ours if w.active)
+    d.fail("DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds ({limit}s)")
+    return True
+
+
+def _arm_deadline(d: _Decision, run_policy: RunPolicySpec) -> None:
+    if run_policy.active_deadline_seconds is not None:
+        d.after(float(run_policy.active_deadline_seconds))
+
+
+def _outdated(worker: Worker, desired: Desired, generation: int) -> bool:
+    """Created for an older spec generation whose rendering differs. Comparing hashes only after a spec
+    change means an operator upgrade that renders pods differently never restarts running training."""
+    return (
+        worker.generation is not None
+        and worker.generation < generation
+        and worker.template_hash is not None
+        and worker.template_hash != desired.template_hash
+    )
+
+
+def _replace_stale(
+    d: _Decision, stale: Sequence[Worker], foreign: Sequence[Worker], job: JobRef, desired: Desired
+) -> None:
+    """Delete pods of older attempts or specs and wait until they are gone (their names are reused)."""
+    d.remove(stale)
+    d.after(SHORT_REQUEUE_SECONDS)
+    if any(_outdated(w, desired, job.generation) for w in stale) and d.status.phase != Phase.RESTARTING.value:
+        message = f"the spec changed (generation {job.generation}): replacing the workers"
+        d.condition(ConditionType.RESTARTING, True, "SpecChanged", message)
+        d.clear(ConditionType.RUNNING, "SpecChanged", message)
+        d.phase(Phase.RESTARTING, message)
+    if foreign:
+        d.status.message = f"waiting for {len(foreign)} pod(s) of an earlier job named {job.name} to go"
+
+
+def _gang_failed(
+    d: _Decision,
+    failure: Worker,
+    current: Sequence[Worker],
+    run_policy: RunPolicySpec,
+    policy: LifecyclePolicy,
+) -> None:
+    code = failure.exit_code
+    what = f"worker {failure.index} ({failure.name}) failed"
+    what += f" with exit code {code}" if code is not None else ""
+    what += f" ({failure.reason})" if failure.reason else ""
+    if failure.message:
+        what += f": {failure.message.strip()[:512]}"
+    if failure.reason == "OOMKilled":
+        reason = "OOMKilled"
+    elif code is not None and code != 0:
+        reason = describe(code) if code in policy.permanent_exit_codes else "WorkerFailed"
+    else:
+        reason = "WorkerFailed"
+    if code is not None and code in policy.permanent_exit_codes:
+        d.remove(w for w in current if w.active)
+        d.fail(reason, f"{what}; not retried: the same configuration fails the same way")
+        return
+    if d.status.restarts >= run_policy.backoff_limit:
+        d.remove(w for w in current if w.active)
+        d.fail(
+            "BackoffLimitExceeded",
+            f"{what}; {d.status.restarts} restart(s) reached runPolicy.backoffLimit "
+            f"({run_policy.backoff_limit})",
+        )
+        return
+    d.status.restarts += 1
+    delay = policy.backoff(d.status.restarts)
+    message = (
+        f"{what}; restarting all workers ({d.status.restarts}/{run_policy.backoff_limit}) in {delay:.0f}s, "
+        "resuming from the last checkpoint"
+    )
+    d.events.append(Event("Warning", reason, what))
+    d.condition(ConditionType.RESTARTING, True, reason, message)
+    d.clear(ConditionType.RUNNING, reason, what)
+    d.phase(Phase.RESTARTING, message, "Warning")
+    d.remove(current)  # the failed and the healthy: the gang is replaced together
+    d.after(delay)
+
+
+def _backing_off(d: _Decision, policy: LifecyclePolicy) -> bool:
+    """Whether the restart backoff (after a worker failure, not a spec change) is still running."""
+    restarting = get_condition(d.status.conditions, ConditionType.RESTARTING)
+    if restarting is None or restarting.status != "True" or restarting.reason == "SpecChanged":
+        return False
+    since = parse_time(restarting.last_transition_time)
+    if since is None:
+        return False
+    left = (since + timedelta(seconds=policy.backoff(d.status.restarts)) - d.now).total_seconds()
+    if left <= 0:
+        return False
+    d.after(left)
+    return True
+
+
+def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec) -> None:
+    """Phase and conditions from the current gang's pods."""
+    n = gang.expected
+    if gang.all_succeeded:
+        message = f"all {n} worker(s) succeeded"
+        d.status.completion_time = rfc3339(d.now)
+        d.condition(ConditionType.SUCCEEDED, True, "Completed", message)
+        d.clear(ConditionType.RUNNING, "Completed", message)
+        d.clear(ConditionType.RESTARTING, "Completed", message)
+        d.phase(Phase.SUCCEEDED, message)
+        if run_policy.ttl_seconds_after_finished is not None:
+            d.after(float(run_policy.ttl_seconds_after_finished))
+        return
+    if gang.all_running:
+        message = f"{n} worker(s) running"
+        d.condition(ConditionType.SCHEDULED, True, "Scheduled", f"{n} worker(s) placed")
+        d.condition(ConditionType.RUNNING, True, "Running", message)
+        d.clear(ConditionType.RESTARTING, "Running", message)
+        d.phase(Phase.RUNNING, message)
+        return
+    unscheduled = [w for w in gang.workers if w.state == WorkerState.UNSCHEDULED and w.reason]
+    if unscheduled:
+        worker = unscheduled[0]
+        reason = "Queued" if worker.reason == "SchedulingGated" else worker.reason
+        message = f"{worker.name}: {worker.message}" if worker.message else worker.name
+        if d.condition(ConditionType.SCHEDULED, False, reason, message):
+            d.events.append(Event("Normal" if reason == "Queued" else "Warning", reason, message))
+    elif not gang.missing and all(w.state != WorkerState.UNSCHEDULED for w in gang.workers):
+        d.condition(ConditionType.SCHEDULED, True, "Scheduled", f"{n} worker(s) placed")
+    stuck = [w for w in gang.workers if w.reason in IMAGE_PULL_REASONS | CONFIG_WAIT_REASONS]
+    if stuck:
+        worker = stuck[0]
+        reason = "ImagePullBackOff" if worker.reason in IMAGE_PULL_REASONS else worker.reason
+        message = f"{worker.name}: {worker.message or worker.reason}"
+        if d.condition(ConditionType.RUNNING, False, reason, message):
+            d.events.append(Event("Warning", reason, message))
+    d.phase(Phase.SCHEDULING, f"waiting for {n} worker(s) to be placed and started")
+
+
+def _progress(d: _Decision, gang: GangObservation) -> None:
+    """Rank 0's report into status.progress and status.lastCheckpoint."""
+    rank0 = gang.rank0()
+    report = read_progress(rank0.progress if rank0 is not None else None)
+    d.status.progress = progress_status(report, d.status.progress)
+    if report is not None and report.last_checkpoint_step is not None and report.last_checkpoint_path:
+        d.status.last_checkpoint = CheckpointStatus(
+            step=report.last_checkpoint_step, path=report.last_checkpoint_path, time=report.updated_at
+        )
+
+
+def rejected(job: JobRef, status: FineTuneJobStatus, message: str, now: datetime) -> Actions:
+    """The job fails because the API server refused an object rendered for it (an admission policy,
+    a field it does not accept): retrying the same object would be refused the same way."""
+    d = _Decision(status, now, job.generation)
+    d.fail("Rejected", message)
+    return d.actions()

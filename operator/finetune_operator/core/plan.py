@@ -1,0 +1,313 @@
+"""The planner: the fewest GPUs, and then the fastest ZeRO stage and offload, whose estimated peak fits.
+
+Users of Kubeflow Trainer guess `numNodes`; here the estimator answers it. Preference among configurations
+that fit on the same GPU count goes to speed: no offload before optimizer offload before full offload,
+and within each, lower ZeRO stages first (less communication).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from finetune_operator.api.enums import NO_ZERO3_METHODS, OFFLOAD_OPTIMIZERS, Method, Offload
+from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus
+from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
+from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
+from finetune_operator.core.hardware import gpu_model
+
+GIB = 1024**3
+#: The largest job the planner considers: beyond this a fine-tune is a pre-training run in disguise.
+DEFAULT_MAX_GPUS = 1024
+OFFLOAD_ORDER = (Offload.NONE, Offload.OPTIMIZER, Offload.ALL)
+#: Stands in a suggestion's label for the ZeRO stage and offload the re-plan chose.
+ZERO_PLACEHOLDER = "{zero}"
+
+
+class PlanningError(ValueError):
+    """The spec cannot be planned at all (unknown model or GPU, impossible layout); a permanent error."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A planned layout and the estimate behind it."""
+
+    fits: bool
+    gpus: int
+    nodes: int
+    gpus_per_node: int
+    zero_stage: int
+    offload: Offload
+    usable_bytes: int
+    estimate: MemoryEstimate
+    gpu_type: str | None
+    message: str
+    suggestions: tuple[str, ...] = field(default=())
+
+    @property
+    def per_gpu_bytes(self) -> int:
+        return self.estimate.per_gpu_bytes
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        return self.estimate.host_bytes * self.gpus_per_node
+
+    def to_status(self) -> PlanStatus:
+        return PlanStatus(
+            fits=self.fits,
+            gpus=self.gpus,
+            nodes=self.nodes,
+            gpus_per_node=self.gpus_per_node,
+            zero_stage=self.zero_stage,
+            offload=self.offload,
+            gpu_type=self.gpu_type,
+            per_gpu_bytes=self.per_gpu_bytes,
+            usable_bytes=self.usable_bytes,
+            host_bytes_per_node=self.host_bytes_per_node,
+            breakdown=dict(self.estimate.breakdown),
+            total_params=self.estimate.total_params,
+            trainable_params=self.estimate.trainable_params,
+            message=self.message,
+        )
+
+
+def architecture_for(model: ModelSpec) -> ModelArchitecture:
+    """The inline architecture block wins; otherwise the catalogue entry for the hub name."""
+    if model.architecture is not None:
+        a = model.architecture
+        return ModelArchitecture(
+            vocab_size=a.vocab_size,
+            hidden_size=a.hidden_size,
+            intermediate_size=a.intermediate_size,
+            num_layers=a.num_layers,
+            num_heads=a.num_heads,
+            num_kv_heads=a.num_kv_heads or a.num_heads,
+            tie_embeddings=a.tie_embeddings,
+            mlp=a.mlp,
+            head_dim=a.head_dim,
+        )
+    if model.name is None:
+        raise PlanningError(
+            "model.uri alone does not tell the architecture: set model.name or model.architecture"
+        )
+    try:
+        return catalogue_architecture(model.name)
+    except ValueError as exc:
+        raise PlanningError(f"{exc}; or give model.architecture") from exc
+
+
+def gpu_memory_bytes(spec: FineTuneJobSpec) -> tuple[int, str | None]:
+    """Memory per GPU and the product name; `gpuMemoryGiB` overrides the product's number."""
+    resources = spec.resources
+    product = None
+    if resources.gpu_type is not None:
+        try:
+            product = gpu_model(resources.gpu_type)
+        except ValueError as exc:
+            raise PlanningError(str(exc)) from exc
+    if resources.gpu_memory_gi_b is not None:
+        return int(resources.gpu_memory_gi_b * GIB), product.name if product else None
+    assert product is not None  # the API rules require one of the two
+    return product.memory_bytes, product.name
+
+
+def setup_for(spec: FineTuneJobSpec, arch: ModelArchitecture) -> TrainingSetup:
+    """The estimator's view of a job, on one GPU with ZeRO off; the planner varies the layout."""
+    training, method = spec.training, spec.method
+    lora, qlora = method.lora_settings(), method.qlora_settings()
+    return TrainingSetup(
+        arch=arch,
+        method=method.type,
+        precision=training.precision,
+        optimizer=training.optimizer,
+        micro_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        seq_len=spec.dataset.max_seq_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        attention=spec.model.attention_implementation,
+        lora_r=lora.r,
+        lora_target_modules=tuple(lora.target_modules),
+        quant_type=qlora.quant_type,
+        double_quant=qlora.double_quant,
+        trainable_layers=method.freeze_settings().trainable_layers,
+        num_virtual_tokens=method.virtual_tokens(),
+    )
+
+
+def layout(gpus: int, gpus_per_node: int) -> tuple[int, int] | None:
+    """(nodes, GPUs per node) with GPUs spread evenly, or None when `gpus` cannot be spread evenly."""
+    nodes = math.ceil(gpus / gpus_per_node)
+    if gpus % nodes:
+        return None
+    return nodes, gpus // nodes
+
+
+def _configurations(spec: FineTuneJobSpec) -> list[tuple[int, Offload]]:
+    """(ZeRO stage, offload) pairs to try, fastest first; offload needs ZeRO ≥ 1 and AdamW, parameters
+    ZeRO-3; prefix and prompt tuning stop at ZeRO-2 (what the trainer can run)."""
+    dist = spec.distributed
+    top = 2 if spec.method.type in NO_ZERO3_METHODS else 3
+    stages = range(top + 1) if dist.zero_stage == "auto" else [int(dist.zero_stage)]
+    if dist.offload != "auto":
+        offloads: tuple[Offload, ...] = (Offload(dist.offload),)
+    elif spec.training.optimizer in OFFLOAD_OPTIMIZERS:
+        offloads = OFFLOAD_ORDER
+    else:
+        offloads = (Offload.NONE,)
+    return [
+        (stage, offload)
+        for offload in offloads
+        for stage in stages
+        if (offload == Offload.NONE or stage >= 1) and (offload != Offload.ALL or stage == 3)
+    ]
+
+
+def _smallest_fit(
+    base: TrainingSetup, sizes: Sequence[int], usable: int, stage: int, offload: Offload
+) -> tuple[int, MemoryEstimate] | None:
+    """Binary search: per-GPU bytes never rise with the world size, so the fitting sizes are a suffix."""
+    lo, hi, found = 0, len(sizes) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        result = estimate(replace(base, zero_stage=stage, offload=offload, world_size=sizes[mid]))
+        if result.per_gpu_bytes <= usable:
+            found, hi = (sizes[mid], result), mid - 1
+        else:
+            lo = mid + 1
+    return found
+
+
+def plan(
+    spec: FineTuneJobSpec,
+    arch: ModelArchitecture | None = None,
+    max_gpus: int = DEFAULT_MAX_GPUS,
+    explain: bool = True,
+) -> Plan:
+    """Plan a job. `arch` overrides the spec's model (ftctl passes one read from a local config.json).
+
+    With `explain`, a job that fits nowhere is re-planned in cheaper variants to say what would fit.
+    """
+    arch = arch or architecture_for(spec.model)
+    memory, gpu_type = gpu_memory_bytes(spec)
+    usable = int(memory * (1 - spec.resources.memory_headroom))
+    gpn = spec.resources.gpus_per_node
+    try:
+        base = setup_for(spec, arch)
+        estimate(base)
+    except ValueError as exc:
+        raise PlanningError(str(exc)) from exc
+    requested = spec.resources.gpus
+    if requested != "auto" and layout(int(requested), gpn) is None:
+        raise PlanningError(
+            f"resources.gpus {requested} cannot be spread evenly over nodes of {gpn} GPUs; "
+            f"use a multiple of the node count"
+        )
+    sizes = [n for n in range(1, max_gpus + 1) if layout(n, gpn) is not None]
+    configurations = _configurations(spec)
+    best: tuple[int, int, Offload, MemoryEstimate] | None = None
+    for stage, offload in configurations:
+        hit = _smallest_fit(base, sizes, usable, stage, offload)
+        if hit is not None and (best is None or hit[0] < best[0]):
+            best = (hit[0], stage, offload, hit[1])
+    if requested == "auto" and best is not None:
+        return _planned(best[0], best[1], best[2], best[3], gpn, usable, gpu_type, fits=True, note="")
+    gpus = sizes[-1] if requested == "auto" else int(requested)
+    tried = [
+        (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus))) for s, o in configurations
+    ]
+    for stage, offload, result in tried:
+        if result.per_gpu_bytes <= usable:
+            return _planned(gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
+    stage, offload, result = min(tried, key=lambda t: t[2].per_gpu_bytes)
+    if requested == "auto":
+        note = "does not fit on any GPU count up to the planner's limit"
+    elif best is not None:
+        note = f"does not fit on {gpus} GPUs; the smallest count that fits is {best[0]}"
+    else:
+        note = f"does not fit on {gpus} GPUs, nor on any count the planner tries"
+    if spec.method.type in NO_ZERO3_METHODS:
+        note += (
+            f" ({spec.method.type.value} tuning cannot shard the frozen model: ZeRO-3 is not available to it)"
+        )
+    suggestions = _suggestions(spec, arch, max_gpus) if explain else ()
+    if suggestions:
+        note += "; would fit: " + "; ".join(suggestions)
+    return _planned(gpus, stage, offload, result, gpn, usable, gpu_type, False, note, suggestions)
+
+
+def _planned(
+    gpus: int,
+    stage: int,
+    offload: Offload,
+    result: MemoryEstimate,
+    gpn: int,
+    usable: int,
+    gpu_type: str | None,
+    fits: bool,
+    note: str,
+    suggestions: tuple[str, ...] = (),
+) -> Plan:
+    spread = layout(gpus, gpn)
+    assert spread is not None
+    nodes, per_node = spread
+    summary = (
+        f"{gpus} GPU{'s' if gpus > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''}, ZeRO-{stage}"
+        f"{'' if offload == Offload.NONE else f' with {offload.value} offload'}: "
+        f"{result.per_gpu_bytes / GIB:.1f} GiB per GPU of {usable / GIB:.1f} GiB usable"
+    )
+    return Plan(
+        fits=fits,
+        gpus=gpus,
+        nodes=nodes,
+        gpus_per_node=per_node,
+        zero_stage=stage,
+        offload=offload,
+        usable_bytes=usable,
+        estimate=result,
+        gpu_type=gpu_type,
+        message=f"{note}: {summary}" if note else summary,
+        suggestions=suggestions,
+    )
+
+
+def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, FineTuneJobSpec]]:
+    """Cheaper variants of a job that does not fit, each adding one step to the last, in the order a
+    practitioner would give things up: memory for recomputation, then batch, then speed, then the method."""
+    label: list[str] = []
+    training, dist = spec.training, spec.distributed
+    if not training.gradient_checkpointing:
+        training = training.model_copy(update={"gradient_checkpointing": True})
+        spec = spec.model_copy(update={"training": training})
+        label.append("gradient checkpointing")
+        yield " + ".join(label), spec
+    if training.micro_batch_size > 1:
+        training = training.model_copy(update={"micro_batch_size": 1})
+        spec = spec.model_copy(update={"training": training})
+        label.append("micro batch 1")
+        yield " + ".join(label), spec
+    if dist.offload != "auto" or dist.zero_stage != "auto":
+        spec = spec.model_copy(
+            update={"distributed": dist.model_copy(update={"zero_stage": "auto", "offload": "auto"})}
+        )
+        label.append(ZERO_PLACEHOLDER)
+        yield " + ".join(label), spec
+    if spec.method.type in (Method.FULL, Method.FREEZE, Method.LORA, Method.DORA):
+        method = spec.method.model_copy(update={"type": Method.QLORA, "freeze": None, "qlora": None})
+        label.append("QLoRA")
+        yield " + ".join(label), spec.model_copy(update={"method": method})
+
+
+def _suggestions(spec: FineTuneJobSpec, arch: ModelArchitecture, max_gpus: int) -> tuple[str, ...]:
+    """Which cheaper variants would fit, and on how many GPUs (the requested count, when one is fixed)."""
+    suggestions = []
+    for label, variant in _alternatives(spec):
+        alternative = plan(variant, arch, max_gpus, explain=False)
+        if alternative.fits:
+            zero = f"ZeRO-{alternative.zero_stage}" + (
+                "" if alternative.offload == Offload.NONE else f" with {alternative.offload.value} offload"
+            )
+            steps = [zero if step == ZERO_PLACEHOLDER else step for step in label.split(" + ")]
+            label = " + ".join(step for step in steps if step != "ZeRO-0")
+            suggestions.append(f"{label} on {alternative.gpus} GPU{'s' if alternative.gpus > 1 else ''}")
+    return tuple(suggestions)

@@ -1,0 +1,126 @@
+"""Render the trainer config a worker reads from a FineTuneJob and its plan (pure: no I/O, no torch).
+
+The operator mounts the result into every worker; `ftctl train` writes it next to the outputs and runs
+the same trainer locally. Both call `render_trainer_config`, so a local run is the pod's run.
+
+URIs resolve to local paths here, once: `pvc://CLAIM/PATH` becomes `<mount of CLAIM>/PATH` (the pod
+builder mounts every claim `claims_of` lists at `pvc_mount_path`), `file://` and plain paths stay local
+(ftctl), `hf://` leaves the path empty so the trainer loads from the hub. `s3://` needs a sync step
+the trainer does not have yet and is refused.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Protocol
+
+from finetune_operator.api.enums import Offload
+from finetune_operator.api.models import FineTuneJob
+from finetune_trainer.config import ProgressSettings, ResolvedPaths, TrainerConfig
+
+#: Where the pod builder mounts claim X: /mnt/pvc/X.
+PVC_MOUNT_ROOT = "/mnt/pvc"
+#: Checkpoints go here, under the output, unless checkpointing.uri says otherwise.
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class TrainerConfigError(ValueError):
+    """The job's URIs cannot be turned into paths a worker can read; permanent."""
+
+
+class PlanLike(Protocol):
+    """The fields of `core.plan.Plan` the trainer needs (a Protocol, so tests need no estimator)."""
+
+    @property
+    def gpus(self) -> int: ...
+    @property
+    def zero_stage(self) -> int: ...
+    @property
+    def offload(self) -> Offload: ...
+    @property
+    def per_gpu_bytes(self) -> int: ...
+
+
+def pvc_mount_path(claim: str) -> str:
+    return f"{PVC_MOUNT_ROOT}/{claim}"
+
+
+def claims_of(job: FineTuneJob) -> dict[str, str]:
+    """PVC claim → mount path for every pvc:// URI in the job; the pod builder mounts exactly these."""
+    spec = job.spec
+    uris = (spec.model.uri, spec.dataset.uri, spec.output.uri, spec.checkpointing.uri)
+    claims = sorted({_split_pvc(uri)[0] for uri in uris if uri and uri.startswith("pvc://")})
+    return {claim: pvc_mount_path(claim) for claim in claims}
+
+
+def resolve_uri(uri: str, mounts: dict[str, str], field: str) -> str | None:
+    """A local path for `uri`, or None for hf:// (the trainer loads it from the hub)."""
+    if uri.startswith("pvc://"):
+        claim, rest = _split_pvc(uri)
+        if claim not in mounts:
+            raise TrainerConfigError(f"{field}: claim {claim!r} is not mounted")
+        return posixpath.join(mounts[claim], rest) if rest else mounts[claim]
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    if uri.startswith("hf://"):
+        return None
+    if uri.startswith("s3://"):
+        raise TrainerConfigError(
+            f"{field}: s3:// is not supported by the trainer yet; copy the data to a PVC"
+        )
+    return uri
+
+
+def render_trainer_config(
+    job: FineTuneJob,
+    plan: PlanLike,
+    *,
+    mounts: dict[str, str] | None = None,
+    progress: ProgressSettings | None = None,
+    world_size: int | None = None,
+) -> TrainerConfig:
+    """The worker's config for `job` as planned.
+
+    `mounts` defaults to `claims_of(job)` (the operator's layout); ftctl passes `{}` with local paths.
+    `world_size` defaults to the plan's GPU count; ftctl passes its `--nproc-per-node`.
+    `progress` defaults to the in-cluster pod-annotation reporter.
+    """
+    spec = job.spec
+    mounts = claims_of(job) if mounts is None else mounts
+    output = resolve_uri(spec.output.uri, mounts, "output.uri")
+    if output is None:
+        raise TrainerConfigError("output.uri: hf:// is not writable; use a pvc:// or local path")
+    checkpoints = (
+        resolve_uri(spec.checkpointing.uri, mounts, "checkpointing.uri")
+        if spec.checkpointing.uri
+        else posixpath.join(output, CHECKPOINT_SUBDIR)
+    )
+    if checkpoints is None:
+        raise TrainerConfigError("checkpointing.uri: hf:// is not writable; use a pvc:// or local path")
+    model_path = resolve_uri(spec.model.uri, mounts, "model.uri") if spec.model.uri else None
+    return TrainerConfig(
+        job_name=job.metadata.name,
+        model=spec.model,
+        dataset=spec.dataset,
+        method=spec.method,
+        training=spec.training,
+        checkpointing=spec.checkpointing,
+        output=spec.output,
+        paths=ResolvedPaths(
+            model=model_path,
+            dataset=resolve_uri(spec.dataset.uri, mounts, "dataset.uri"),
+            output=output,
+            checkpoints=checkpoints,
+        ),
+        mounts=dict(mounts),
+        zero_stage=plan.zero_stage,
+        offload=plan.offload,
+        world_size=world_size if world_size is not None else plan.gpus,
+        estimate_bytes=plan.per_gpu_bytes,
+        progress=progress if progress is not None else ProgressSettings(reporter="pod-annotation"),
+    )
+
+
+def _split_pvc(uri: str) -> tuple[str, str]:
+    claim, _, rest = uri.removeprefix("pvc://").partition("/")
+    return claim, rest

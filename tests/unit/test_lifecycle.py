@@ -1,0 +1,366 @@
+"""The lifecycle decision, scenario by scenario: (status, pods, time) in, whole decision out."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from operator_fixtures import NOW, OPTIONS, job, pod_doc, ref
+
+from finetune_operator.api.models import Condition, FineTuneJobStatus, WorkersStatus
+from finetune_operator.core.lifecycle import Actions, Event, LifecyclePolicy, reconcile
+from finetune_operator.core.render import Desired, desire
+from finetune_operator.core.status import rfc3339
+
+POLICY = LifecyclePolicy(restart_backoff_seconds=10, restart_backoff_max_seconds=300)
+EARLIER = rfc3339(NOW - timedelta(seconds=100))
+
+
+def run(
+    status: FineTuneJobStatus | None = None,
+    pods: list[dict[str, Any]] | None = None,
+    *,
+    generation: int = 1,
+    now_offset: float = 0,
+    **spec_updates: Any,
+) -> Actions:
+    status = status or FineTuneJobStatus()
+    the_job = job(**spec_updates)
+    desired = desire(the_job, ref(generation), OPTIONS, attempt=status.restarts)
+    return reconcile(
+        ref(generation),
+        the_job.spec,
+        status,
+        desired,
+        pods or [],
+        NOW + timedelta(seconds=now_offset),
+        POLICY,
+    )
+
+
+def current_hash() -> str:
+    desired = desire(job(), ref(), OPTIONS, attempt=0)
+    assert isinstance(desired, Desired)
+    return desired.template_hash
+
+
+def running_status(**updates: Any) -> FineTuneJobStatus:
+    """A job that has been running since EARLIER: planned, created, then seen running (by `run` itself)."""
+    created = run()
+    running = run(created.status.model_copy(update={"start_time": EARLIER}), [pod_doc(0), pod_doc(1)])
+    assert running.status.phase == "Running"
+    return running.status.model_copy(update=updates)
+
+
+def condition(actions: Actions, kind: str) -> tuple[str, str] | None:
+    found = next((c for c in actions.status.conditions if c.type == kind), None)
+    return (found.status, found.reason) if found else None
+
+
+def reasons(actions: Actions) -> list[str]:
+    return [e.reason for e in actions.events]
+
+
+def names_of(pods: tuple[dict[str, Any], ...]) -> list[str]:
+    return [p["metadata"]["name"] for p in pods]
+
+
+def test_a_new_job_is_planned_and_its_gang_created() -> None:
+    actions = run()
+    desired = desire(job(), ref(), OPTIONS, attempt=0)
+    assert isinstance(desired, Desired)
+    assert actions.ensure == (desired.configmap, desired.service)
+    assert actions.create_pods == desired.pods
+    assert actions.delete_pods == ()
+    assert actions.status.phase == "Scheduling"
+    assert actions.status.plan == desired.plan
+    assert actions.status.start_time == rfc3339(NOW)
+    assert actions.status.observed_generation == 1
+    assert actions.status.workers == WorkersStatus(total=2, pending=2)
+    assert condition(actions, "Planned") == ("True", "Planned")
+    assert condition(actions, "MemoryFits") == ("True", "MemoryFits")
+    assert reasons(actions) == ["Pending", "CreatedWorkers", "Scheduling"]
+    assert actions.status_changed and actions.requeue_after is None
+
+
+def test_all_workers_running_is_running() -> None:
+    actions = run(running_status(phase="Scheduling"), [pod_doc(0), pod_doc(1)])
+    assert actions.status.phase == "Running"
+    assert condition(actions, "Running") == ("True", "Running")
+    assert condition(actions, "Scheduled") == ("True", "Scheduled")
+    assert actions.create_pods == () and actions.delete_pods == ()
+    assert reasons(actions) == ["Running"]
+
+
+def test_a_running_gang_seen_again_changes_nothing() -> None:
+    """Re-adoption: an operator restarted mid-job finds its pods and neither creates nor writes."""
+    first = run(running_status(phase="Scheduling"), [pod_doc(0), pod_doc(1)])
+    again = run(first.status, [pod_doc(0), pod_doc(1)], now_offset=30)
+    assert again == Actions(status=first.status, status_changed=False)
+
+
+def test_only_missing_workers_are_created() -> None:
+    actions = run(running_status(phase="Scheduling"), [pod_doc(1, phase="Pending")])
+    assert names_of(actions.create_pods) == ["tiny-worker-0"]
+    assert reasons(actions) == []  # no CreatedWorkers event for a partial top-up
+
+
+def test_unschedulable_carries_the_schedulers_message() -> None:
+    message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    actions = run(
+        running_status(phase="Scheduling"), [pod_doc(0), pod_doc(1, phase="Pending", unschedulable=message)]
+    )
+    assert actions.status.phase == "Scheduling"
+    scheduled = next(c for c in actions.status.conditions if c.type == "Scheduled")
+    assert (scheduled.status, scheduled.reason, scheduled.message) == (
+        "False",
+        "Unschedulable",
+        f"tiny-worker-1: {message}",
+    )
+    assert actions.events == (Event("Warning", "Unschedulable", f"tiny-worker-1: {message}"),)
+    # the same observation again posts no second event
+    assert (
+        reasons(run(actions.status, [pod_doc(0), pod_doc(1, phase="Pending", unschedulable=message)])) == []
+    )
+
+
+def test_kueue_gated_workers_are_queued() -> None:
+    actions = run(
+        running_status(phase="Scheduling"),
+        [pod_doc(0, phase="Pending", gated=True), pod_doc(1, phase="Pending", gated=True)],
+    )
+    assert condition(actions, "Scheduled") == ("False", "Queued")
+    assert actions.events == (Event("Normal", "Queued", "tiny-worker-0: waiting for Kueue admission"),)
+
+
+def test_image_pull_backoff_is_a_running_condition() -> None:
+    actions = run(
+        running_status(phase="Scheduling"),
+        [pod_doc(0, phase="Pending", waiting="ImagePullBackOff"), pod_doc(1)],
+    )
+    assert condition(actions, "Running") == ("False", "ImagePullBackOff")
+    assert reasons(actions) == ["ImagePullBackOff"]
+
+
+def test_all_workers_succeeded_is_succeeded_with_a_completion_time() -> None:
+    pods = [pod_doc(0, phase="Succeeded", exit_code=0), pod_doc(1, phase="Succeeded", exit_code=0)]
+    actions = run(running_status(), pods)
+    assert actions.status.phase == "Succeeded"
+    assert actions.status.completion_time == rfc3339(NOW)
+    assert condition(actions, "Succeeded") == ("True", "Completed")
+    assert condition(actions, "Running") == ("False", "Completed")
+    assert actions.delete_pods == ()  # finished pods stay for their logs
+    assert reasons(actions) == ["Succeeded"]
+
+
+def test_one_failed_worker_restarts_the_whole_gang_after_a_backoff() -> None:
+    pods = [pod_doc(0), pod_doc(1, phase="Failed", exit_code=1)]
+    actions = run(running_status(), pods)
+    assert actions.status.restarts == 1
+    assert actions.status.phase == "Restarting"
+    assert sorted(actions.delete_pods) == ["tiny-worker-0", "tiny-worker-1"]
+    assert actions.create_pods == ()
+    assert condition(actions, "Restarting") == ("True", "WorkerFailed")
+    assert condition(actions, "Running") == ("False", "WorkerFailed")
+    assert reasons(actions) == ["WorkerFailed", "Restarting"]
+    assert actions.events[0].message == "worker 1 (tiny-worker-1) failed with exit code 1 (Error)"
+    assert actions.requeue_after == 10
+
+
+def test_restart_waits_for_the_old_gang_then_the_backoff_then_recreates_with_the_next_attempt() -> None:
+    failed = run(running_status(), [pod_doc(0), pod_doc(1, phase="Failed", exit_code=1)])
+    old = [pod_doc(0, deleting=True), pod_doc(1, phase="Failed", exit_code=1)]
+    waiting = run(failed.status, old, now_offset=1)
+    assert waiting.delete_pods == ("tiny-worker-1",)  # worker 0 is already terminating
+    assert waiting.create_pods == () and waiting.requeue_after == 1.0
+    backing_off = run(failed.status, [], now_offset=4)
+    assert backing_off.create_pods == () and backing_off.requeue_after == 6
+    recreated = run(failed.status, [], now_offset=10)
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in recreated.create_pods] == ["1", "1"]
+    assert recreated.status.phase == "Scheduling" and recreated.status.restarts == 1
+    running = run(recreated.status, [pod_doc(0, attempt=1), pod_doc(1, attempt=1)], now_offset=12)
+    assert running.status.phase == "Running"
+    assert condition(running, "Restarting") == ("False", "Running")
+
+
+def test_second_restart_backs_off_twice_as_long() -> None:
+    status = running_status(restarts=1)
+    actions = run(status, [pod_doc(0, attempt=1, phase="Failed", exit_code=1), pod_doc(1, attempt=1)])
+    assert actions.status.restarts == 2 and actions.requeue_after == 20
+
+
+def test_the_same_failure_seen_twice_is_counted_once() -> None:
+    """A repeated decision (status written, pods not yet deleted) finds pods of an older attempt."""
+    first = run(running_status(), [pod_doc(0), pod_doc(1, phase="Failed", exit_code=1)])
+    second = run(first.status, [pod_doc(0), pod_doc(1, phase="Failed", exit_code=1)])
+    assert second.status.restarts == 1
+    assert sorted(second.delete_pods) == ["tiny-worker-0", "tiny-worker-1"]
+    assert second.events == ()
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "reason", "restarts", "backoff_limit", "expected_reason"),
+    [
+        (78, "Error", 0, 3, "ConfigError"),
+        (79, "Error", 0, 3, "OutOfMemory"),
+        (1, "Error", 3, 3, "BackoffLimitExceeded"),
+        (1, "Error", 0, 0, "BackoffLimitExceeded"),
+    ],
+)
+def test_failures_that_end_the_job(
+    exit_code: int, reason: str, restarts: int, backoff_limit: int, expected_reason: str
+) -> None:
+    pods = [
+        pod_doc(0, attempt=restarts),
+        pod_doc(1, attempt=restarts, phase="Failed", exit_code=exit_code, reason=reason),
+    ]
+    actions = run(running_status(restarts=restarts), pods, runPolicy={"backoffLimit": backoff_limit})
+    assert actions.status.phase == "Failed"
+    assert condition(actions, "Failed") == ("True", expected_reason)
+    assert actions.status.completion_time == rfc3339(NOW)
+    assert actions.status.restarts == restarts
+    assert actions.delete_pods == ("tiny-worker-0",)  # the still-running worker frees its GPUs
+    assert reasons(actions) == [expected_reason]
+
+
+def test_a_kernel_oom_kill_is_retried_with_its_reason() -> None:
+    actions = run(
+        running_status(), [pod_doc(0), pod_doc(1, phase="Failed", exit_code=137, reason="OOMKilled")]
+    )
+    assert actions.status.phase == "Restarting"
+    assert condition(actions, "Restarting") == ("True", "OOMKilled")
+
+
+def test_suspend_removes_the_gang_and_keeps_the_state() -> None:
+    status = running_status(restarts=1)
+    actions = run(status, [pod_doc(0, attempt=1), pod_doc(1, attempt=1)], runPolicy={"suspend": True})
+    assert actions.status.phase == "Suspended"
+    assert sorted(actions.delete_pods) == ["tiny-worker-0", "tiny-worker-1"]
+    assert actions.status.restarts == 1 and actions.status.start_time is None
+    assert condition(actions, "Suspended") == ("True", "Suspended")
+    assert reasons(actions) == ["Suspended"]
+    gone = run(actions.status, [], runPolicy={"suspend": True})
+    assert gone.delete_pods == () and gone.create_pods == ()
+    assert gone.status.workers == WorkersStatus(total=2)
+    assert not run(gone.status, [], runPolicy={"suspend": True}).status_changed
+
+
+def test_resume_recreates_the_gang() -> None:
+    suspended = run(running_status(), [], runPolicy={"suspend": True})
+    actions = run(suspended.status, [], now_offset=60)
+    assert names_of(actions.create_pods) == ["tiny-worker-0", "tiny-worker-1"]
+    assert actions.status.phase == "Scheduling"
+    assert actions.status.start_time == rfc3339(NOW + timedelta(seconds=60))
+    assert condition(actions, "Suspended") == ("False", "Resumed")
+    assert reasons(actions) == ["Resumed", "CreatedWorkers", "Scheduling"]
+
+
+def test_a_job_suspended_from_the_start_creates_nothing() -> None:
+    actions = run(None, [], runPolicy={"suspend": True})
+    assert actions.status.phase == "Suspended" and actions.create_pods == ()
+
+
+def test_active_deadline() -> None:
+    policy = {"activeDeadlineSeconds": 150}
+    within = run(running_status(), [pod_doc(0), pod_doc(1)], runPolicy=policy)
+    assert within.status.phase == "Running" and within.requeue_after == 50
+    past = run(running_status(), [pod_doc(0), pod_doc(1)], now_offset=50, runPolicy=policy)
+    assert past.status.phase == "Failed"
+    assert condition(past, "Failed") == ("True", "DeadlineExceeded")
+    assert sorted(past.delete_pods) == ["tiny-worker-0", "tiny-worker-1"]
+
+
+@pytest.mark.parametrize(
+    ("ttl", "delete_job", "requeue"), [(60, True, None), (600, False, 500.0), (None, False, None)]
+)
+def test_ttl_after_finished(ttl: int | None, delete_job: bool, requeue: float | None) -> None:
+    status = running_status(phase="Succeeded", completion_time=EARLIER)
+    actions = run(
+        status, [pod_doc(0, phase="Succeeded", exit_code=0)], runPolicy={"ttlSecondsAfterFinished": ttl}
+    )
+    assert (actions.delete_job, actions.requeue_after) == (delete_job, requeue)
+    assert not actions.status_changed
+
+
+def test_finished_jobs_remove_workers_still_running() -> None:
+    status = running_status(phase="Failed", completion_time=EARLIER)
+    actions = run(status, [pod_doc(0), pod_doc(1, phase="Failed", exit_code=78)])
+    assert actions.delete_pods == ("tiny-worker-0",) and actions.create_pods == ()
+
+
+def test_a_job_that_does_not_fit_fails_without_pods() -> None:
+    actions = run(
+        None,
+        [],
+        model={"name": "meta-llama/Meta-Llama-3-70B"},
+        method={"type": "full"},
+        resources={"gpuType": "L4", "gpusPerNode": 1, "gpus": 1},
+    )
+    assert actions.status.phase == "Failed"
+    assert condition(actions, "Planned") == ("False", "MemoryFits")
+    assert condition(actions, "MemoryFits") == ("False", "MemoryFits")
+    assert condition(actions, "Failed") == ("True", "MemoryFits")
+    assert actions.status.plan is not None and not actions.status.plan.fits
+    assert actions.create_pods == () and actions.ensure == ()
+    assert reasons(actions) == ["MemoryFits"]
+
+
+def test_a_spec_change_replaces_the_gang_without_counting_a_restart() -> None:
+    old = [pod_doc(0, template_hash="old"), pod_doc(1, template_hash="old")]
+    actions = run(running_status(), old, generation=2)
+    assert sorted(actions.delete_pods) == ["tiny-worker-0", "tiny-worker-1"]
+    assert actions.status.phase == "Restarting" and actions.status.restarts == 0
+    assert condition(actions, "Restarting") == ("True", "SpecChanged")
+    recreated = run(actions.status, [], generation=2, now_offset=1)  # no backoff for a spec change
+    assert names_of(recreated.create_pods) == ["tiny-worker-0", "tiny-worker-1"]
+    assert recreated.create_pods[0]["metadata"]["annotations"]["finetune.dev/generation"] == "2"
+
+
+def test_a_spec_change_that_leaves_the_workers_alone_does_not_restart() -> None:
+    same = [pod_doc(0, template_hash=current_hash()), pod_doc(1, template_hash=current_hash())]
+    actions = run(running_status(), same, generation=2)
+    assert actions.delete_pods == () and actions.status.phase == "Running"
+    assert actions.status.observed_generation == 2
+
+
+def test_an_operator_upgrade_that_renders_differently_does_not_restart() -> None:
+    pods = [
+        pod_doc(0, template_hash="rendered-by-old-operator"),
+        pod_doc(1, template_hash="rendered-by-old-operator"),
+    ]
+    actions = run(running_status(), pods)
+    assert actions.delete_pods == () and actions.status.phase == "Running"
+
+
+def test_pods_of_a_deleted_job_with_the_same_name_block_creation() -> None:
+    actions = run(None, [pod_doc(0, owner_uid="other-uid", deleting=True)])
+    assert actions.create_pods == () and actions.delete_pods == ()
+    assert actions.requeue_after == 1.0
+    assert actions.status.message is not None and "earlier job named tiny" in actions.status.message
+
+
+def test_progress_and_checkpoint_come_from_rank_0() -> None:
+    report = (
+        '{"step":40,"totalSteps":100,"epoch":1.2,"loss":0.9,"elapsedSeconds":80,"stepsThisAttempt":40,'
+        '"lastCheckpointStep":40,"lastCheckpointPath":"/mnt/pvc/models/x/checkpoints/checkpoint-40",'
+        '"updatedAt":"2025-01-02T03:04:00Z"}'
+    )
+    actions = run(running_status(), [pod_doc(0, progress=report), pod_doc(1)])
+    assert actions.status.progress is not None
+    assert (actions.status.progress.display, actions.status.progress.eta, actions.status.progress.loss) == (
+        "40% (40/100)",
+        "2m00s",
+        0.9,
+    )
+    assert actions.status.last_checkpoint is not None and actions.status.last_checkpoint.step == 40
+
+
+def test_backoff_is_capped() -> None:
+    assert [POLICY.backoff(n) for n in (1, 2, 3, 6, 20)] == [10, 20, 40, 300, 300]
+
+
+def test_conditions_keep_their_order_and_old_ones_are_untouched() -> None:
+    status = running_status(conditions=[Condition(type="Custom", status="True", reason="X")])
+    actions = run(status, [pod_doc(0), pod_doc(1)])
+    assert [c.type for c in actions.status.conditions][:1] == ["Custom"]

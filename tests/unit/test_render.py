@@ -1,0 +1,366 @@
+"""The pure renderer: whole built objects compared against what the worker gang must look like."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import yaml
+from operator_fixtures import OPTIONS, UID, job, ref
+
+from finetune_operator.core import names
+from finetune_operator.core.plan import plan
+from finetune_operator.core.render import (
+    Desired,
+    SpecProblem,
+    build_gang,
+    desire,
+    parse_job,
+    placement_affinity,
+    render_configmap,
+    render_pod,
+    render_service,
+    template_hash,
+)
+from finetune_operator.core.torch_env import Rendezvous, torch_env
+from finetune_trainer.config import CONFIG_FILE, TrainerConfig
+
+OWNER = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "name": "tiny",
+    "uid": UID,
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+
+
+def desired(**spec_updates: Any) -> Desired:
+    result = desire(job(**spec_updates), ref(), OPTIONS, attempt=0)
+    assert isinstance(result, Desired), result
+    return result
+
+
+def expected_worker(index: int, hash_: str) -> dict[str, Any]:
+    """Worker `index` of the base job (8 GPUs on 2 nodes of 4), written out in full."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"tiny-worker-{index}",
+            "namespace": "team-a",
+            "labels": {
+                "finetune.dev/job-name": "tiny",
+                "app.kubernetes.io/name": "finetune-trainer",
+                "app.kubernetes.io/managed-by": "finetune-operator",
+                "app.kubernetes.io/component": "worker",
+                "finetune.dev/replica-index": str(index),
+                "finetune.dev/attempt": "0",
+            },
+            "annotations": {"finetune.dev/generation": "1", "finetune.dev/template-hash": hash_},
+            "ownerReferences": [OWNER],
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "hostname": f"tiny-worker-{index}",
+            "subdomain": "tiny-workers",
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 120,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "runAsGroup": 1000,
+                "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "trainer",
+                    "image": "trainer:test",
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["python", "-m", "finetune_trainer.launch"],
+                    "args": [
+                        "--nnodes=$(NNODES)",
+                        "--nproc_per_node=$(NPROC_PER_NODE)",
+                        "--node_rank=$(NODE_RANK)",
+                        "--master_addr=$(MASTER_ADDR)",
+                        "--master_port=$(MASTER_PORT)",
+                        "-m",
+                        "finetune_trainer",
+                        "--config",
+                        f"/etc/finetune/{CONFIG_FILE}",
+                    ],
+                    "env": [
+                        {"name": "MASTER_ADDR", "value": "tiny-worker-0.tiny-workers"},
+                        {"name": "MASTER_PORT", "value": "29500"},
+                        {"name": "NNODES", "value": "2"},
+                        {"name": "NODE_RANK", "value": str(index)},
+                        {"name": "NPROC_PER_NODE", "value": "4"},
+                        {"name": "WORLD_SIZE", "value": "8"},
+                        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "90"},
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {
+                            "name": "POD_NAMESPACE",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        },
+                    ],
+                    "ports": [{"name": "rendezvous", "containerPort": 29500}],
+                    "resources": {"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}},
+                    "volumeMounts": [
+                        {"name": "config", "mountPath": "/etc/finetune", "readOnly": True},
+                        {"name": "dshm", "mountPath": "/dev/shm"},
+                        {"name": "pvc-datasets", "mountPath": "/mnt/pvc/datasets", "readOnly": True},
+                        {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": False},
+                    ],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                        "runAsNonRoot": True,
+                    },
+                }
+            ],
+            "volumes": [
+                {"name": "config", "configMap": {"name": "tiny-config"}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+                {
+                    "name": "pvc-datasets",
+                    "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True},
+                },
+                {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models", "readOnly": False}},
+            ],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "serviceAccountName": "finetune-trainer",
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {
+                                        "key": "nvidia.com/gpu.product",
+                                        "operator": "In",
+                                        "values": ["NVIDIA-A100-SXM4-80GB"],
+                                    }
+                                ]
+                            }
+                        ]
+                    }
+                }
+            },
+        },
+    }
+
+
+def test_workers_of_the_base_job_are_the_whole_expected_pods() -> None:
+    result = desired()
+    assert result.plan.nodes == 2 and result.plan.gpus_per_node == 4
+    assert [p["metadata"]["name"] for p in result.pods] == ["tiny-worker-0", "tiny-worker-1"]
+    for index, pod in enumerate(result.pods):
+        assert pod == expected_worker(index, result.template_hash)
+
+
+def test_service_is_headless_and_selects_the_job() -> None:
+    assert desired().service == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "tiny-workers",
+            "namespace": "team-a",
+            "labels": {
+                "finetune.dev/job-name": "tiny",
+                "app.kubernetes.io/name": "finetune-trainer",
+                "app.kubernetes.io/managed-by": "finetune-operator",
+                "app.kubernetes.io/component": "rendezvous",
+            },
+            "ownerReferences": [OWNER],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"finetune.dev/job-name": "tiny"},
+            "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500}],
+        },
+    }
+
+
+def test_configmap_holds_a_trainer_config_the_trainer_parses_with_the_plan_and_mounts() -> None:
+    configmap = desired().configmap
+    assert configmap["metadata"]["name"] == "tiny-config"
+    assert configmap["metadata"]["ownerReferences"] == [OWNER]
+    assert set(configmap["data"]) == {CONFIG_FILE, names.DEEPSPEED_FILE}
+    trainer = TrainerConfig.model_validate(yaml.safe_load(configmap["data"][CONFIG_FILE]))
+    assert trainer.world_size == 8
+    assert trainer.mounts == {"datasets": "/mnt/pvc/datasets", "models": "/mnt/pvc/models"}
+    assert trainer.paths.dataset == "/mnt/pvc/datasets/alpaca.jsonl"
+    assert trainer.paths.output == "/mnt/pvc/models/tiny-lora"
+    assert trainer.progress.reporter == "pod-annotation"
+
+
+@pytest.mark.parametrize(
+    ("resources", "expression"),
+    [
+        (
+            {"gpuType": "A100-80GB"},
+            {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-A100-SXM4-80GB"]},
+        ),
+        ({"gpuMemoryGiB": 40}, {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["40959"]}),
+        ({"gpuMemoryGiB": 23.5}, {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["24063"]}),
+        # the API says gpuMemoryGiB overrides the product: any GPU with that much memory will do
+        (
+            {"gpuType": "A100-80GB", "gpuMemoryGiB": 48},
+            {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["49151"]},
+        ),
+    ],
+)
+def test_placement_by_product_or_by_memory(resources: dict[str, Any], expression: dict[str, Any]) -> None:
+    result = desired(resources={**resources, "gpusPerNode": 4, "gpus": 8})
+    terms = result.pods[0]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert terms == {"nodeSelectorTerms": [{"matchExpressions": [expression]}]}
+
+
+def test_placement_without_gpu_preference_has_no_affinity() -> None:
+    assert placement_affinity(None, None) is None
+
+
+def test_scheduling_knobs_credentials_and_user_env_reach_every_worker() -> None:
+    result = desired(
+        secrets={"hfToken": {"name": "hf", "key": "token"}, "storage": "s3-creds"},
+        env=[{"name": "NCCL_DEBUG", "value": "INFO"}],
+        nodeSelector={"pool": "training"},
+        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        priorityClassName="batch-high",
+        serviceAccountName="team-a-trainer",
+        image="registry.example/trainer:2",
+        resources={"gpuType": "A100-80GB", "gpusPerNode": 4, "gpus": 8, "cpu": "32", "memory": "256Gi"},
+    )
+    for pod in result.pods:
+        spec = pod["spec"]
+        container = spec["containers"][0]
+        assert container["env"][-2:] == [
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {"name": "NCCL_DEBUG", "value": "INFO"},
+        ]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        assert container["image"] == "registry.example/trainer:2"
+        assert container["resources"] == {
+            "requests": {"nvidia.com/gpu": "4", "cpu": "32", "memory": "256Gi"},
+            "limits": {"nvidia.com/gpu": "4", "memory": "256Gi"},
+        }
+        assert spec["nodeSelector"] == {"pool": "training"}
+        assert spec["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+        ]
+        assert spec["priorityClassName"] == "batch-high"
+        assert spec["serviceAccountName"] == "team-a-trainer"
+
+
+@pytest.mark.parametrize(
+    ("spec_updates", "reason", "fragment"),
+    [
+        ({"env": [{"name": "MASTER_ADDR", "value": "x"}]}, "InvalidSpec", "MASTER_ADDR"),
+        (
+            {"env": [{"name": "RANK", "value": "0"}, {"name": "WORLD_SIZE", "value": "9"}]},
+            "InvalidSpec",
+            "RANK, WORLD_SIZE",
+        ),
+        ({"resources": {"gpuType": "NoSuchGPU-1GB", "gpus": 1}}, "InvalidSpec", "unknown GPU"),
+        (
+            {"resources": {"gpuType": "A100-80GB", "gpusPerNode": 4, "gpus": 5}},
+            "InvalidSpec",
+            "spread evenly",
+        ),
+        ({"dataset": {"uri": "s3://bucket/data.jsonl"}}, "InvalidSpec", "s3://"),
+    ],
+)
+def test_specs_that_cannot_run_are_spec_problems(
+    spec_updates: dict[str, Any], reason: str, fragment: str
+) -> None:
+    result = desire(job(**spec_updates), ref(), OPTIONS, attempt=0)
+    assert isinstance(result, SpecProblem)
+    assert result.reason == reason
+    assert fragment in result.message
+
+
+def test_a_model_that_fits_nowhere_is_a_memory_fits_problem_with_the_plan() -> None:
+    big = job(
+        model={"name": "meta-llama/Meta-Llama-3-70B"},
+        method={"type": "full"},
+        resources={"gpuType": "L4", "gpusPerNode": 1, "gpus": 1},
+    )
+    result = desire(big, ref(), OPTIONS, attempt=0)
+    assert isinstance(result, SpecProblem)
+    assert result.reason == "MemoryFits"
+    assert result.plan is not None and not result.plan.fits
+    assert result.message == result.plan.message and "does not fit" in result.message
+
+
+def test_parse_job_reports_invalid_fields_by_camel_case_path() -> None:
+    document = job().model_dump(mode="json", by_alias=True, exclude_none=True)
+    document["spec"]["training"] = {"learningRate": -1}
+    problem = parse_job(document)
+    assert isinstance(problem, SpecProblem) and problem.reason == "InvalidSpec"
+    assert "spec.training.learningRate" in problem.message
+
+
+def test_template_hash_ignores_the_attempt_but_follows_the_spec() -> None:
+    base_job = job()
+    planned = plan(base_job.spec)
+    gang = build_gang(base_job, ref(), planned, OPTIONS, attempt=0)
+    assert template_hash(gang) == template_hash(replace(gang, attempt=3, labels={"x": "y"}))
+    changed = job(training={"learningRate": 1e-5})
+    assert template_hash(build_gang(changed, ref(), plan(changed.spec), OPTIONS, 0)) != template_hash(gang)
+
+
+def test_attempt_label_and_plugin_labels_land_on_pods_but_not_on_the_service() -> None:
+    base_job = job()
+    gang = build_gang(base_job, ref(), plan(base_job.spec), OPTIONS, attempt=2)
+    gang = replace(gang, labels={"kueue.x-k8s.io/queue-name": "q"}, annotations={"a": "b"})
+    pod = render_pod(gang, 1)
+    assert pod["metadata"]["labels"][names.LABEL_ATTEMPT] == "2"
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+    assert pod["metadata"]["annotations"]["a"] == "b"
+    assert "kueue.x-k8s.io/queue-name" not in render_service(gang)["metadata"]["labels"]
+    assert render_configmap(gang)["data"] == dict(gang.config_data)
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+@pytest.mark.parametrize(
+    ("job_name", "base"),
+    [
+        ("tiny", "tiny"),
+        ("a" * 51, "a" * 51),  # the longest name kept as it is
+        ("a" * 52, "a" * 42 + "-" + _digest("a" * 52)),
+        ("llama.v2", "llama-v2-" + _digest("llama.v2")),  # dots are not allowed in a hostname
+        ("Upper", "upper-" + _digest("Upper")),
+    ],
+)
+def test_names_are_dns_labels_for_any_job_name(job_name: str, base: str) -> None:
+    assert names.job_base(job_name) == base
+    assert len(names.worker_name(job_name, 9999)) <= 63
+    assert names.master_addr(job_name) == f"{base}-worker-0.{base}-workers"
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_rendezvous_env_per_rank(rank: int) -> None:
+    env = torch_env(Rendezvous("m.svc", 29500, nnodes=3, nproc_per_node=8), rank)
+    assert env == [
+        {"name": "MASTER_ADDR", "value": "m.svc"},
+        {"name": "MASTER_PORT", "value": "29500"},
+        {"name": "NNODES", "value": "3"},
+        {"name": "NODE_RANK", "value": str(rank)},
+        {"name": "NPROC_PER_NODE", "value": "8"},
+        {"name": "WORLD_SIZE", "value": "24"},
+    ]
+
+
+def test_rendezvous_rejects_a_rank_outside_the_gang() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        torch_env(Rendezvous("m", 1, nnodes=2, nproc_per_node=1), 2)

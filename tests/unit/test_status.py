@@ -1,0 +1,218 @@
+"""Reading pods: every pod state the lifecycle cares about, from whole pod documents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from operator_fixtures import NOW, UID, pod_doc
+
+from finetune_operator.api.models import Condition, ProgressStatus, WorkersStatus
+from finetune_operator.core.status import (
+    ConditionType,
+    Worker,
+    WorkerState,
+    observe,
+    progress_status,
+    read_progress,
+    read_worker,
+    set_condition,
+)
+from finetune_trainer.config import ProgressReport
+
+COMMON = {
+    "index": 0,
+    "attempt": 0,
+    "owner_uid": UID,
+    "template_hash": None,
+    "generation": 1,
+    "deleting": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("pod", "expected"),
+    [
+        (pod_doc(0, phase="Running"), Worker(name="tiny-worker-0", state=WorkerState.RUNNING, **COMMON)),
+        (
+            pod_doc(0, phase="Pending", node=None),
+            Worker(name="tiny-worker-0", state=WorkerState.UNSCHEDULED, **COMMON),
+        ),
+        (
+            pod_doc(
+                0, phase="Pending", unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+            ),
+            Worker(
+                name="tiny-worker-0",
+                state=WorkerState.UNSCHEDULED,
+                reason="Unschedulable",
+                message="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+                **COMMON,
+            ),
+        ),
+        (
+            pod_doc(0, phase="Pending", gated=True),
+            Worker(
+                name="tiny-worker-0",
+                state=WorkerState.UNSCHEDULED,
+                reason="SchedulingGated",
+                message="waiting for Kueue admission",
+                **COMMON,
+            ),
+        ),
+        (
+            pod_doc(0, phase="Pending", waiting="ImagePullBackOff"),
+            Worker(
+                name="tiny-worker-0",
+                state=WorkerState.STARTING,
+                reason="ImagePullBackOff",
+                message="ImagePullBackOff for trainer:test",
+                **COMMON,
+            ),
+        ),
+        (
+            pod_doc(0, phase="Pending", waiting="ContainerCreating"),
+            Worker(name="tiny-worker-0", state=WorkerState.STARTING, **COMMON),
+        ),
+        (
+            pod_doc(0, phase="Succeeded", exit_code=0, reason="Completed"),
+            Worker(
+                name="tiny-worker-0", state=WorkerState.SUCCEEDED, reason="Completed", exit_code=0, **COMMON
+            ),
+        ),
+        (
+            pod_doc(0, phase="Failed", exit_code=78, message="bad config"),
+            Worker(
+                name="tiny-worker-0",
+                state=WorkerState.FAILED,
+                reason="Error",
+                message="bad config",
+                exit_code=78,
+                **COMMON,
+            ),
+        ),
+        (
+            pod_doc(0, phase="Failed", exit_code=137, reason="OOMKilled"),
+            Worker(
+                name="tiny-worker-0", state=WorkerState.FAILED, reason="OOMKilled", exit_code=137, **COMMON
+            ),
+        ),
+        (
+            # evicted: no container status, the pod's own reason
+            pod_doc(0, phase="Failed", reason="Evicted"),
+            Worker(name="tiny-worker-0", state=WorkerState.FAILED, reason="Evicted", **COMMON),
+        ),
+        (
+            pod_doc(0, phase="Running", deleting=True, attempt=2, template_hash="abc"),
+            Worker(
+                name="tiny-worker-0",
+                state=WorkerState.RUNNING,
+                **{**COMMON, "deleting": True, "attempt": 2, "template_hash": "abc"},
+            ),
+        ),
+    ],
+    ids=[
+        "running",
+        "pending-unscheduled",
+        "unschedulable",
+        "kueue-gated",
+        "image-pull",
+        "container-creating",
+        "succeeded",
+        "config-error",
+        "oom-killed",
+        "evicted",
+        "deleting",
+    ],
+)
+def test_read_worker(pod: dict[str, Any], expected: Worker) -> None:
+    assert read_worker(pod) == expected
+
+
+def test_worker_without_operator_labels_has_no_index() -> None:
+    pod = pod_doc(0)
+    pod["metadata"]["labels"] = {}
+    pod["metadata"]["ownerReferences"] = []
+    worker = read_worker(pod)
+    assert (worker.index, worker.attempt, worker.owner_uid) == (None, None, None)
+
+
+def test_observe_counts_finds_missing_and_the_first_failure() -> None:
+    workers = [
+        read_worker(pod_doc(3, phase="Failed", exit_code=1)),
+        read_worker(pod_doc(1, phase="Running")),
+        read_worker(pod_doc(2, phase="Failed", exit_code=1)),
+        read_worker(pod_doc(7, phase="Running")),  # outside the gang: ignored
+    ]
+    gang = observe(workers, expected=4)
+    assert gang.missing == [0]
+    assert gang.first_failure is not None and gang.first_failure.index == 2
+    assert gang.counts() == WorkersStatus(total=4, pending=1, running=1, succeeded=0, failed=2)
+    assert not gang.all_running and not gang.all_succeeded
+
+
+@pytest.mark.parametrize(
+    ("phases", "all_running", "all_succeeded"),
+    [
+        (["Running", "Running"], True, False),
+        (["Succeeded", "Running"], True, False),  # rank 0 may finish a moment before the others
+        (["Succeeded", "Succeeded"], False, True),
+        (["Running", "Pending"], False, False),
+        (["Running"], False, False),  # one worker not created yet
+    ],
+)
+def test_gang_running_and_done(phases: list[str], all_running: bool, all_succeeded: bool) -> None:
+    gang = observe(
+        [
+            read_worker(pod_doc(i, phase=p, exit_code=0 if p == "Succeeded" else None))
+            for i, p in enumerate(phases)
+        ],
+        2,
+    )
+    assert (gang.all_running, gang.all_succeeded) == (all_running, all_succeeded)
+
+
+def test_set_condition_keeps_the_transition_time_unless_the_status_flips() -> None:
+    first = set_condition([], ConditionType.RUNNING, True, "Running", "2 running", NOW, 1)
+    assert first == [
+        Condition(
+            type="Running",
+            status="True",
+            reason="Running",
+            message="2 running",
+            last_transition_time="2025-01-02T03:04:05Z",
+            observed_generation=1,
+        )
+    ]
+    old = [first[0].model_copy(update={"last_transition_time": "2025-01-01T00:00:00Z"})]
+    same = set_condition(old, ConditionType.RUNNING, True, "Running", "still 2", NOW, 2)
+    assert same[0].last_transition_time == "2025-01-01T00:00:00Z" and same[0].message == "still 2"
+    flipped = set_condition(old, ConditionType.RUNNING, False, "WorkerFailed", "x", NOW, 2)
+    assert flipped[0].last_transition_time == "2025-01-02T03:04:05Z"
+
+
+def test_progress_comes_from_the_trainers_report_and_survives_rank0_going_away() -> None:
+    report = ProgressReport(
+        step=50,
+        total_steps=200,
+        epoch=0.5,
+        loss=1.25,
+        elapsed_seconds=100,
+        steps_this_attempt=50,
+        updated_at="2025-01-02T03:04:00Z",
+    )
+    parsed = read_progress(report.to_json())
+    assert parsed == report
+    status = progress_status(parsed, None)
+    assert status == ProgressStatus(
+        step=50,
+        total_steps=200,
+        epoch=0.5,
+        percent=25,
+        loss=1.25,
+        eta="5m00s",
+        display="25% (50/200)",
+        updated_at="2025-01-02T03:04:00Z",
+    )
+    assert progress_status(None, status) == status
+    assert read_progress("{not json") is None and read_progress(None) is None
