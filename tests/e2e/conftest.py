@@ -1,0 +1,120 @@
+"""Fixtures for tests against the real local control plane (tools/cluster/cluster.py).
+
+`cluster` (session scope) brings up one cluster for the whole test run with the same script
+`make cluster-up` runs, under its own name and kubeconfig (E2E_CLUSTER_NAME, default
+finetune-e2e) so it never touches a cluster started by hand, and tears it down at the end,
+checking that none of its processes is left. The binaries come from `make tools` (`make test`
+builds them first). If the cluster cannot start, every test that needs it fails with the reason.
+
+`namespace` gives each test a fresh namespace and deletes it (and waits for that) afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient, CoreV1Api, V1Namespace, V1ObjectMeta
+from kubernetes.client.exceptions import ApiException
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO / "tools" / "cluster" / "cluster.py"
+CACHE = Path(os.environ.get("CACHE", REPO / ".cache")).resolve()
+BIN = CACHE / "bin"
+E2E_CLUSTER_NAME = os.environ.get("E2E_CLUSTER_NAME", "finetune-e2e")
+UP_TIMEOUT_S = 600  # the control plane starts in well under a minute; this only bounds a hang
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running local cluster: its name, kubeconfig and an API client authenticated as admin."""
+
+    name: str
+    kubeconfig: Path
+    api_client: ApiClient
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run our kubectl build against this cluster."""
+        return subprocess.run(
+            [str(BIN / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=check,
+        )
+
+
+def cluster_script(*args: str, timeout: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run tools/cluster/cluster.py with this interpreter."""
+    return subprocess.run(
+        [sys.executable, str(CLUSTER_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """One local cluster (4 fake nodes x 8 nvidia.com/gpu, CRDs installed) for the test session."""
+    kubeconfig = CACHE / "kube" / f"{E2E_CLUSTER_NAME}.kubeconfig"
+    names = ["--name", E2E_CLUSTER_NAME, "--kubeconfig", str(kubeconfig)]
+    up = cluster_script("up", *names)
+    if up.returncode != 0:
+        cluster_script("down", *names, timeout=120)
+        pytest.fail(f"the local cluster did not start (make tools first?):\n{up.stderr}", pytrace=False)
+    api_client: ApiClient = kube_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        yield Cluster(E2E_CLUSTER_NAME, kubeconfig, api_client)
+    finally:
+        api_client.close()  # type: ignore[no-untyped-call]
+        down = cluster_script("down", *names, timeout=120)
+        left = cluster_script("pids", "--name", E2E_CLUSTER_NAME, timeout=30).stdout.split()
+        assert down.returncode == 0, f"cluster-down failed:\n{down.stderr}"
+        assert not left, f"processes of cluster {E2E_CLUSTER_NAME} left after down: {left}"
+
+
+def wait_for_default_service_account(core: CoreV1Api, namespace: str, timeout: float = 60) -> None:
+    """Pods can be created only once the service-account controller made `default`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            core.read_namespaced_service_account("default", namespace)
+            return
+        except ApiException as err:
+            if err.status != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (and gone) afterwards."""
+    core = CoreV1Api(cluster.api_client)
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace(V1Namespace(metadata=V1ObjectMeta(name=name, labels={"finetune.dev/e2e": "true"})))
+    wait_for_default_service_account(core, name)
+    yield name
+    core.delete_namespace(name)
+    # Wait, so that pods of this test do not hold GPUs while the next test runs.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(name)
+        except ApiException as err:
+            if err.status == 404:
+                return
+            raise
+        time.sleep(0.25)
+    raise AssertionError(f"namespace {name} was not deleted within 120s")

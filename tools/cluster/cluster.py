@@ -1,0 +1,294 @@
+"""Start and stop the local Kubernetes control plane with fake GPU nodes.
+
+    python tools/cluster/cluster.py up   [--name NAME] [--kubeconfig PATH] [--nodes FILE] [--crds DIR]
+    python tools/cluster/cluster.py down [--name NAME] [--kubeconfig PATH]
+    python tools/cluster/cluster.py pids [--name NAME]
+
+`make cluster-up` / `make cluster-down` call this; so does the e2e test fixture, with its own
+cluster name and kubeconfig. Every binary comes from `make tools` ($CACHE/bin, CACHE defaulting to
+the repository's .cache): kwokctl runs etcd, kube-apiserver (authentication and RBAC on),
+kube-controller-manager (all default controllers, so garbage collection), kube-scheduler and the
+KWOK controller as local processes, with the KWOK stages in tools/cluster/stages.yaml. Then this
+creates the fake GPU nodes described in tools/cluster/nodes.yaml and installs crds/*.yaml.
+
+Nothing is downloaded. Cluster state lives under $CACHE/kwok/clusters/NAME.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("CACHE", REPO / ".cache")).resolve()
+BIN = CACHE / "bin"
+WORKDIR = CACHE / "kwok"
+DEFAULT_NAME = "finetune"
+DEFAULT_KUBECONFIG = CACHE / "kube" / "kubeconfig"
+
+# Which binary kwokctl gets for each of its --*-binary flags.
+BINARIES = {
+    "etcd": "etcd",
+    "kube-apiserver": "kube-apiserver",
+    "kube-controller-manager": "kube-controller-manager",
+    "kube-scheduler": "kube-scheduler",
+    "kwok-controller": "kwok",
+}
+# The GPU resource and the node labels NVIDIA GPU feature discovery sets on real nodes.
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought up or down; the message says why."""
+
+
+def log(msg: str) -> None:
+    print(f"[cluster] {msg}", file=sys.stderr, flush=True)
+
+
+def pinned_version(group: str, module: str) -> str:
+    """The version of `module` that tools/<group>/go.mod pins, without the leading v."""
+    for line in (HERE.parent / group / "go.mod").read_text().splitlines():
+        words = line.replace("require ", "").split()
+        if len(words) >= 2 and words[0] == module:
+            return words[1].removeprefix("v")
+    raise ClusterError(f"tools/{group}/go.mod does not pin {module}")
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for kwokctl and kubectl: our builds first on PATH, state under $CACHE/kwok,
+    and the versions we built, so kwokctl passes the flags those versions take."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["KWOK_WORKDIR"] = str(WORKDIR)
+    env["KWOK_KUBE_VERSION"] = pinned_version("k8s", "k8s.io/kubernetes")
+    env["KWOK_ETCD_VERSION"] = pinned_version("etcd", "go.etcd.io/etcd/server/v3")
+    return env
+
+
+def run(args: list[str], *, stdin: str | None = None, timeout: float = 300) -> str:
+    """Run a tool; raise ClusterError with its output when it fails."""
+    proc = subprocess.run(
+        args,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=tool_env(),
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ClusterError(
+            f"{' '.join(args[:4])} ... exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc.stdout
+
+
+def cluster_dir(name: str) -> Path:
+    return WORKDIR / "clusters" / name
+
+
+def render_nodes(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Node objects for each pool in a nodes file (see tools/cluster/nodes.yaml)."""
+    nodes = []
+    for pool in spec["pools"]:
+        gpus = int(pool["gpusPerNode"])
+        resources = {
+            "cpu": str(pool.get("cpu", "96")),
+            "memory": str(pool.get("memory", "1Ti")),
+            "pods": str(pool.get("pods", 110)),
+            "ephemeral-storage": str(pool.get("ephemeralStorage", "10Ti")),
+        }
+        labels = {"type": "kwok", "finetune.dev/pool": pool["name"]}
+        if gpus:
+            resources[GPU_RESOURCE] = str(gpus)
+            labels |= {
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": pool["product"],
+                "nvidia.com/gpu.memory": str(int(pool["memoryMiB"])),
+                "nvidia.com/gpu.count": str(gpus),
+            }
+        for i in range(int(pool["count"])):
+            name = f"{pool['name']}-{i}"
+            nodes.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "annotations": {"kwok.x-k8s.io/node": "fake"},
+                        "labels": labels
+                        | {
+                            "kubernetes.io/hostname": name,
+                            "kubernetes.io/os": "linux",
+                            "kubernetes.io/arch": "amd64",
+                        },
+                    },
+                    "spec": {},
+                    "status": {"capacity": resources, "allocatable": resources},
+                }
+            )
+    return nodes
+
+
+def alive(pid: int) -> bool:
+    """Whether the process exists and has not finished exiting (a zombie or dead task is done)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def cluster_pids(name: str) -> list[int]:
+    """Live processes of this cluster: kwokctl's pid files, and any process whose command line
+    names the cluster's state directory (kwokctl starts every component that way)."""
+    marker = f"{cluster_dir(name)}/".encode()
+    pids = set()
+    for pidfile in (cluster_dir(name) / "pids").glob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except (OSError, ValueError):
+            continue
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "cmdline").read_bytes():
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pid for pid in pids if alive(pid))
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
+    return run([str(BIN / "kubectl"), "--kubeconfig", str(kubeconfig), *args], stdin=stdin, timeout=timeout)
+
+
+def up(name: str, kubeconfig: Path, nodes_file: Path, crds_dir: Path) -> None:
+    missing = [b for b in [*BINARIES.values(), "kwokctl", "kubectl"] if not (BIN / b).exists()]
+    if missing:
+        raise ClusterError(f"missing {', '.join(missing)} in {BIN}: run `make tools` first")
+    nodes = render_nodes(yaml.safe_load(nodes_file.read_text()))
+    if cluster_dir(name).exists():
+        log(f"cluster {name} exists; deleting it to start fresh")
+        down(name, kubeconfig)
+    kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+    kubeconfig.unlink(missing_ok=True)
+
+    start = time.monotonic()
+    log(f"starting control plane {name} (state in {cluster_dir(name)})")
+    args = [str(BIN / "kwokctl"), "--name", name, "--config", str(HERE / "kwokctl.yaml")]
+    args += ["--config", str(HERE / "stages.yaml")]
+    args += ["create", "cluster", "--runtime", "binary", "--quiet-pull"]
+    args += [f"--{flag}-binary={BIN / binary}" for flag, binary in BINARIES.items()]
+    args += ["--secure-port=true", "--kube-authorization=true", "--kube-admission=true"]
+    args += ["--kubeconfig", str(kubeconfig), "--wait", "120s", "--timeout", "180s"]
+    try:
+        run(args, timeout=240)
+    except (ClusterError, subprocess.TimeoutExpired) as err:
+        logs = cluster_dir(name) / "logs"
+        tails = (
+            "".join(
+                f"\n--- {f.name} (tail)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
+                for f in sorted(logs.glob("*.log"))
+            )
+            if logs.exists()
+            else ""
+        )
+        down(name, kubeconfig)
+        raise ClusterError(f"kwokctl could not start cluster {name}: {err}{tails}") from err
+
+    log(f"creating {len(nodes)} fake nodes from {nodes_file}")
+    kubectl(
+        kubeconfig, "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes})
+    )
+    crds = sorted(crds_dir.glob("*.yaml"))
+    if crds:
+        log(f"installing {len(crds)} CRD file(s) from {crds_dir}")
+        kubectl(kubeconfig, "apply", "--server-side", *[a for c in crds for a in ("-f", str(c))])
+        kubectl(kubeconfig, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    kubectl(kubeconfig, "wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
+    # Pods can only be created once the service-account controller made the default account.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            kubectl(kubeconfig, "get", "serviceaccount", "default", "-n", "default", "-o", "name")
+            break
+        except ClusterError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    log(f"cluster {name} ready in {time.monotonic() - start:.1f}s with {len(nodes)} nodes")
+    print(f"export KUBECONFIG={kubeconfig}")
+
+
+def down(name: str, kubeconfig: Path) -> None:
+    """Delete the cluster and wait until none of its processes is left."""
+    pids = set(cluster_pids(name))
+    if cluster_dir(name).exists():
+        try:
+            run(
+                [str(BIN / "kwokctl"), "--name", name, "delete", "cluster", "--kubeconfig", str(kubeconfig)],
+                timeout=120,
+            )
+        except (ClusterError, subprocess.TimeoutExpired) as err:
+            log(f"kwokctl delete failed, stopping the processes ourselves: {err}")
+    # kwokctl sends SIGKILL and does not wait; a process is gone once it is no longer alive
+    # (while exiting, its command line is already empty, so wait on the pids seen before).
+    deadline = time.monotonic() + 15
+    while (left := [p for p in pids if alive(p)] + cluster_pids(name)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in sorted(set(left)):
+        log(f"process {pid} of cluster {name} still running; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (left := [p for p in pids if alive(p)] + cluster_pids(name)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        raise ClusterError(f"processes {sorted(set(left))} of cluster {name} did not exit")
+    if cluster_dir(name).exists():
+        subprocess.run(["rm", "-rf", str(cluster_dir(name))], check=False)
+    kubeconfig.unlink(missing_ok=True)
+    log(f"cluster {name} is down")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["up", "down", "pids"])
+    parser.add_argument("--name", default=DEFAULT_NAME, help="cluster name (default: %(default)s)")
+    parser.add_argument("--kubeconfig", type=Path, default=DEFAULT_KUBECONFIG, help="kubeconfig to write")
+    parser.add_argument("--nodes", type=Path, default=HERE / "nodes.yaml", help="fake node pools")
+    parser.add_argument("--crds", type=Path, default=REPO / "crds", help="directory of CRD YAML files")
+    opts = parser.parse_args(argv)
+    try:
+        if opts.command == "up":
+            up(opts.name, opts.kubeconfig.resolve(), opts.nodes, opts.crds)
+        elif opts.command == "down":
+            down(opts.name, opts.kubeconfig.resolve())
+        else:
+            print(" ".join(map(str, cluster_pids(opts.name))))
+    except ClusterError as err:
+        print(f"[cluster] error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
