@@ -1,0 +1,112 @@
+"""`python -m finetune_operator`: run the FineTuneJob operator against the current kubeconfig.
+
+python -m finetune_operator                       # all namespaces, with peering
+python -m finetune_operator --namespace team-a --namespace team-b --standalone
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import sys
+from collections.abc import Sequence
+
+import kopf
+
+from finetune_operator import handlers
+from finetune_operator import settings as settings_module
+from finetune_operator.adapters import metrics_server
+from finetune_operator.adapters.kube import JobApi, connect
+from finetune_operator.controller import Controller
+from finetune_operator.metrics import build_metrics
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune_operator",
+        description="Run the FineTuneJob operator. Every setting can also be given as FINETUNE_<GROUP>_<FIELD> "
+        "(see finetune_operator/settings.py); flags win over the environment.",
+    )
+    parser.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: in-cluster account, $KUBECONFIG, ~/.kube/config)"
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        metavar="NS",
+        help="watch only this namespace (repeat for more; globs like team-* work); default: all namespaces",
+    )
+    parser.add_argument(
+        "--standalone", action="store_true", default=None, help="run without peering (one replica)"
+    )
+    parser.add_argument("--peering-name", help="KopfPeering/ClusterKopfPeering object the replicas share")
+    parser.add_argument("--priority", type=int, help="peering priority of this replica (default: random)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics port (0 disables; default 8080)"
+    )
+    parser.add_argument("--health-port", type=int, help="liveness /healthz port (0 disables; default 8081)")
+    parser.add_argument("--trainer-image", help="trainer image for jobs that name none")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace) -> settings_module.Settings:
+    base = settings_module.from_env()
+    peering = base.peering
+    if args.standalone is not None:
+        peering = dataclasses.replace(peering, standalone=args.standalone)
+    if args.peering_name:
+        peering = dataclasses.replace(peering, name=args.peering_name)
+    if args.priority is not None:
+        peering = dataclasses.replace(peering, priority=args.priority)
+    metrics = base.metrics
+    if args.metrics_port is not None:
+        metrics = dataclasses.replace(metrics, port=args.metrics_port)
+    if args.health_port is not None:
+        metrics = dataclasses.replace(metrics, health_port=args.health_port)
+    trainer = base.trainer
+    if args.trainer_image:
+        trainer = dataclasses.replace(trainer, image=args.trainer_image)
+    namespaces = tuple(args.namespaces) if args.namespaces else base.namespaces
+    return dataclasses.replace(base, peering=peering, metrics=metrics, trainer=trainer, namespaces=namespaces)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = build_settings(args)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
+    metrics = build_metrics()
+    controller = Controller(settings, JobApi(connect(args.kubeconfig)), metrics)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, controller, settings)
+    metrics_server.serve(metrics.registry, settings.metrics.port)
+    peering = settings.peering
+    # Equal priorities would let two replicas act at once; a random one makes a tie vanishingly rare.
+    priority = peering.priority or random.randint(1, 2**31 - 1)
+    health = settings.metrics.health_port
+    kopf.run(
+        registry=registry,
+        standalone=peering.standalone,
+        # A named peering is mandatory in kopf: without its CRD/object the operator waits rather than
+        # risk two replicas acting. Standalone runs have no peering at all.
+        peering_name=None if peering.standalone else peering.name,
+        priority=priority,
+        namespaces=settings.namespaces,
+        clusterwide=not settings.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{health}/healthz" if health else None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

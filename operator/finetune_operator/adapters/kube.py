@@ -1,0 +1,230 @@
+"""API-server calls for one job: read it and its pods, then apply a decision in a fixed order.
+
+Synchronous (the kubernetes client is), run in a worker thread by the controller. Every call is
+idempotent: creating an object that exists is success (AlreadyExists, 409), deleting one that is gone
+is success (NotFound, 404). Errors become kopf's two kinds: `TemporaryError` (conflicts, throttling,
+server errors, network) is retried with backoff; `PermanentError` (the API server refused the object
+itself, 400/422) will not get better by retrying.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
+from finetune_operator.core import names
+from finetune_operator.core.lifecycle import Actions
+
+log = logging.getLogger(__name__)
+
+#: Status codes worth retrying: conflict (stale resourceVersion), throttling, server-side trouble.
+#: 403 is here too: a ResourceQuota refusal ("exceeded quota") clears when other work ends.
+RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
+#: 403s that clear by themselves (a quota frees up when other work ends) or by an admin fixing RBAC;
+#: any other 403 is an admission plugin refusing this object (e.g. a missing PriorityClass): permanent.
+RETRYABLE_FORBIDDEN = ("exceeded quota", " cannot ")
+
+
+def connect(kubeconfig: str | None = None) -> client.ApiClient:
+    """An API client: an explicit kubeconfig, else the pod's service account, else $KUBECONFIG or
+    ~/.kube/config (the same order kopf's own login follows)."""
+    if kubeconfig:
+        return cast(client.ApiClient, config.new_client_from_config(config_file=kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return client.ApiClient()
+    except config.ConfigException:
+        return cast(client.ApiClient, config.new_client_from_config())  # type: ignore[no-untyped-call]
+
+
+def connection_info(api_client: client.ApiClient) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same client configuration the adapter uses, so kopf's watches and
+    our calls authenticate alike (client certificates, tokens, an explicit --kubeconfig). Called again
+    by kopf on 401, which re-reads a rotated service-account token through the client's refresh hook."""
+    cfg = api_client.configuration
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, token = (None, None)
+    if header:
+        parts = header.split(" ", 1)
+        scheme, token = (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+def classify(exc: Exception, what: str) -> kopf.TemporaryError | kopf.PermanentError:
+    """kopf's error kind for a failed API call."""
+    if isinstance(exc, ApiException):
+        detail = _api_message(exc)
+        transient_403 = exc.status == 403 and any(marker in detail for marker in RETRYABLE_FORBIDDEN)
+        if exc.status in RETRYABLE_STATUS or transient_403 or exc.status is None or exc.status == 0:
+            return kopf.TemporaryError(f"{what}: {exc.status} {detail}")
+        return kopf.PermanentError(f"{what}: {exc.status} {detail}")
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return kopf.TemporaryError(f"{what}: {exc}")
+    return kopf.PermanentError(f"{what}: {exc!r}")
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
+class JobApi:
+    """Reads and writes for FineTuneJobs and the objects they own."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def credentials(self) -> kopf.ConnectionInfo:
+        return connection_info(self.api_client)
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The job as stored now (a quorum read), or None once it is gone."""
+        try:
+            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return cast(dict[str, Any], body)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise classify(exc, f"read finetunejob {namespace}/{name}") from exc
+        except Exception as exc:
+            raise classify(exc, f"read finetunejob {namespace}/{name}") from exc
+
+    def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """The job's pods as the API returns them (camelCase JSON, not client models)."""
+        selector = ",".join(f"{k}={v}" for k, v in names.selector_labels(job_name).items())
+        try:
+            response: Any = self.core.list_namespaced_pod(
+                namespace, label_selector=selector, _preload_content=False
+            )
+            items: list[dict[str, Any]] = json.loads(response.data)["items"]
+            return items
+        except Exception as exc:
+            raise classify(exc, f"list pods of {namespace}/{job_name}") from exc
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def write_status(self, job: Mapping[str, Any], status: FineTuneJobStatus) -> dict[str, Any]:
+        """Replace the status, guarded by the resourceVersion the decision was made from (409 if stale)."""
+        meta = job["metadata"]
+        body = {
+            "apiVersion": job["apiVersion"],
+            "kind": job["kind"],
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "resourceVersion": meta["resourceVersion"],
+            },
+            "spec": job.get("spec", {}),
+            "status": status.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+        try:
+            result = self.custom.replace_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body
+            )
+            return cast(dict[str, Any], result)
+        except Exception as exc:
+            raise classify(exc, f"write status of {meta['namespace']}/{meta['name']}") from exc
+
+    def ensure(self, obj: Mapping[str, Any]) -> None:
+        """Create a ConfigMap or Service; an existing ConfigMap is brought up to date, a Service left."""
+        kind, meta = obj["kind"], obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        what = f"create {kind.lower()} {namespace}/{name}"
+        try:
+            if kind == "ConfigMap":
+                self.core.create_namespaced_config_map(namespace, cast(Any, obj))
+            elif kind == "Service":
+                self.core.create_namespaced_service(namespace, cast(Any, obj))
+            else:
+                raise ValueError(f"ensure does not handle {kind}")
+        except ApiException as exc:
+            if exc.status != 409:
+                raise classify(exc, what) from exc
+            if kind == "ConfigMap":
+                self._update_configmap(obj)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise classify(exc, what) from exc
+
+    def _update_configmap(self, obj: Mapping[str, Any]) -> None:
+        meta = obj["metadata"]
+        try:
+            current = self.core.read_namespaced_config_map(meta["name"], meta["namespace"])
+            if (current.data or {}) != obj.get("data", {}):
+                self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], {"data": obj["data"]})
+        except Exception as exc:
+            raise classify(exc, f"update configmap {meta['namespace']}/{meta['name']}") from exc
+
+    def create_pod(self, pod: Mapping[str, Any]) -> bool:
+        """Create a worker; False when it already exists (another reconcile, or before a restart)."""
+        meta = pod["metadata"]
+        try:
+            self.core.create_namespaced_pod(meta["namespace"], cast(Any, pod))
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise classify(exc, f"create pod {meta['namespace']}/{meta['name']}") from exc
+        except Exception as exc:
+            raise classify(exc, f"create pod {meta['namespace']}/{meta['name']}") from exc
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise classify(exc, f"delete pod {namespace}/{name}") from exc
+        except Exception as exc:
+            raise classify(exc, f"delete pod {namespace}/{name}") from exc
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete the job; its pods, ConfigMap and Service go with it through their owner references."""
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise classify(exc, f"delete finetunejob {namespace}/{name}") from exc
+        except Exception as exc:
+            raise classify(exc, f"delete finetunejob {namespace}/{name}") from exc
+
+    def apply(self, job: Mapping[str, Any], actions: Actions) -> None:
+        """Apply a decision: status first (so a crash after it repeats no counted step), then objects."""
+        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        if actions.status_changed:
+            self.write_status(job, actions.status)
+        for obj in actions.ensure:
+            self.ensure(obj)
+        for pod_name in actions.delete_pods:
+            self.delete_pod(namespace, pod_name)
+        for pod in actions.create_pods:
+            if not self.create_pod(pod):
+                log.debug("pod %s/%s already exists", namespace, pod["metadata"]["name"])
+        if actions.delete_job:
+            self.delete_job(namespace, name)

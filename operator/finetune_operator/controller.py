@@ -1,0 +1,167 @@
+"""One loop per FineTuneJob: read (job, pods) → decide purely → apply once → sleep until woken or due.
+
+`decide` is pure glue over the core (parse, plan, render, refine for the scheduler, reconcile).
+`Controller.run_job` is the body of the kopf daemon kopf runs per job; it reads fresh state from the
+API server on every pass (quorum reads), so nothing it decides depends on a cache or on memory that a
+restart would lose. Pod and job watch events only `wake` the loop early; missing a wake costs at most
+`timing.resync_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from finetune_operator.adapters import events
+from finetune_operator.adapters.kube import JobApi
+from finetune_operator.api.models import FineTuneJobStatus
+from finetune_operator.core.lifecycle import Actions, reconcile, rejected
+from finetune_operator.core.render import JobRef, SpecProblem, desire, parse_job
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.scheduling import refiner_for
+from finetune_operator.settings import Settings
+
+
+def read_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
+    """The stored status, or a fresh one when there is none (or it does not parse: it is ours to rewrite)."""
+    try:
+        return FineTuneJobStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return FineTuneJobStatus()
+
+
+def job_ref(body: Mapping[str, Any]) -> JobRef:
+    meta = body["metadata"]
+    return JobRef(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        uid=meta["uid"],
+        generation=int(meta.get("generation", 1)),
+    )
+
+
+def decide(
+    body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], now: datetime, settings: Settings
+) -> Actions:
+    """The next step for the job `body` with `pods`: the whole pure pipeline."""
+    ref = job_ref(body)
+    status = read_status(body)
+    job = parse_job(body)
+    if isinstance(job, SpecProblem):
+        return reconcile(ref, None, status, job, pods, now, settings.lifecycle_policy())
+    desired = desire(job, ref, settings.render_options(), status.restarts, refiner_for(job))
+    return reconcile(ref, job.spec, status, desired, pods, now, settings.lifecycle_policy())
+
+
+class Controller:
+    """Runs the per-job loops of this operator replica."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        api: JobApi,
+        metrics: OperatorMetrics,
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.metrics = metrics
+        self._wakers: dict[tuple[str, str], asyncio.Event] = {}
+
+    def credentials(self) -> kopf.ConnectionInfo:
+        """What kopf logs in with: the adapter's own connection."""
+        return self.api.credentials()
+
+    def wake(self, namespace: str, name: str) -> None:
+        """Reconcile the job soon (a pod or the job changed); a no-op for jobs this replica does not run."""
+        waker = self._wakers.get((namespace, name))
+        if waker is not None:
+            waker.set()
+
+    async def run_job(
+        self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> None:
+        """The daemon body: loop until the job is gone or kopf cancels the task (job deleted, peer took over)."""
+        key = (namespace, name)
+        waker = self._wakers.setdefault(key, asyncio.Event())
+        timing = self.settings.timing
+        errors = 0
+        try:
+            while True:
+                delay: float | None
+                try:
+                    with self.metrics.reconcile_seconds.time():
+                        alive, delay = await self.tick(namespace, name, logger)
+                    errors = 0
+                    if not alive:
+                        return
+                except kopf.TemporaryError as exc:
+                    errors += 1
+                    self.metrics.reconcile_errors.labels("temporary").inc()
+                    delay = min(
+                        timing.error_backoff_seconds * 2 ** (errors - 1), timing.error_backoff_max_seconds
+                    )
+                    logger.warning("reconcile failed, retrying in %.1fs: %s", delay, exc)
+                    await asyncio.sleep(
+                        delay
+                    )  # backing off: an event arriving meanwhile does not cut it short
+                    continue
+                except kopf.PermanentError as exc:
+                    self.metrics.reconcile_errors.labels("permanent").inc()
+                    delay = timing.resync_seconds
+                    logger.error("reconcile failed permanently: %s", exc)
+                except Exception:
+                    errors += 1
+                    self.metrics.reconcile_errors.labels("unexpected").inc()
+                    delay = min(
+                        timing.error_backoff_seconds * 2 ** (errors - 1), timing.error_backoff_max_seconds
+                    )
+                    logger.exception("unexpected error while reconciling; retrying in %.1fs", delay)
+                    await asyncio.sleep(delay)
+                    continue
+                await self._sleep(waker, delay)
+        finally:
+            self._wakers.pop(key, None)
+            self.metrics.forget(namespace, name)
+
+    async def tick(
+        self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> tuple[bool, float | None]:
+        """One reconcile; (whether the job still exists, seconds until something is due)."""
+        body = await asyncio.to_thread(self.api.read_job, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return False, None
+        pods = await asyncio.to_thread(self.api.list_pods, namespace, name)
+        actions = decide(body, pods, datetime.now(UTC), self.settings)
+        try:
+            await asyncio.to_thread(self.api.apply, body, actions)
+        except kopf.PermanentError as exc:
+            # The API server refused an object we rendered (admission, invalid field): retrying the same
+            # object cannot help, so the job fails and says why.
+            fresh = await asyncio.to_thread(self.api.read_job, namespace, name)
+            if fresh is None:
+                return False, None
+            body = fresh
+            actions = rejected(job_ref(body), read_status(body), str(exc), datetime.now(UTC))
+            await asyncio.to_thread(self.api.apply, body, actions)
+        for event in actions.events:
+            logger.info("%s: %s", event.reason, event.message)
+            events.post(body, event)
+        restarted = actions.status.restarts > read_status(body).restarts
+        self.metrics.observe(namespace, name, actions.status, restarted=restarted)
+        return not actions.delete_job, actions.requeue_after
+
+    async def _sleep(self, waker: asyncio.Event, delay: float | None) -> None:
+        """Until woken, due, or the resync interval; then a short debounce to batch bursts of events."""
+        timing = self.settings.timing
+        timeout = timing.resync_seconds if delay is None else min(max(delay, 0.0), timing.resync_seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waker.wait(), timeout)
+        waker.clear()
+        await asyncio.sleep(timing.debounce_seconds)

@@ -1,0 +1,155 @@
+"""Operator settings: nested, documented groups, each field with its unit and why its default is what it is.
+
+Every field can be set from the environment (`FINETUNE_<GROUP>_<FIELD>`, e.g.
+`FINETUNE_RESTARTS_BACKOFF_SECONDS=0.5`), which is how the Helm chart and the e2e tests configure the
+operator; the command line (`python -m finetune_operator --help`) overrides the most common ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from finetune_operator.core.lifecycle import LifecyclePolicy
+from finetune_operator.core.render import RenderOptions
+
+ENV_PREFIX = "FINETUNE_"
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """How often the operator looks at each job."""
+
+    #: Seconds between two looks at a job when nothing wakes it earlier. Pod and job events wake it at
+    #: once, so this only bounds how late a missed event is noticed; 30 s keeps an idle job at two
+    #: API reads a minute.
+    resync_seconds: float = 30.0
+    #: Seconds to wait after a pod event before reconciling, so a gang's burst of events (8 workers
+    #: going Running together) becomes one reconcile.
+    debounce_seconds: float = 0.2
+    #: First wait (seconds) after an API error; doubles up to `error_backoff_max_seconds`.
+    error_backoff_seconds: float = 1.0
+    #: The cap on that wait: long enough not to hammer a struggling API server, short enough to recover.
+    error_backoff_max_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    """Whole-gang restarts after a worker failure (the count limit is the job's runPolicy.backoffLimit)."""
+
+    #: Seconds before the first restart; each next one waits twice as long. 10 s lets a flapping node
+    #: or a storage hiccup pass without burning the job's restarts in a few seconds.
+    backoff_seconds: float = 10.0
+    #: Cap (seconds) on that wait: five minutes, after which waiting longer rarely helps.
+    backoff_max_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The worker pods' defaults; a job's spec.image and spec.serviceAccountName override them."""
+
+    #: Trainer image used when the job names none (the chart sets the one built with this release).
+    image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    #: Service account for workers when the job names none: rank 0 patches its own pod with progress,
+    #: so it needs pods/patch (the chart creates it). Empty means the namespace's `default`.
+    service_account: str = "finetune-trainer"
+    #: UID/GID the workers run as (non-root for the restricted Pod Security profile).
+    run_as_user: int = 1000
+    #: Seconds a worker gets after SIGTERM to write a checkpoint before it is killed.
+    termination_grace_seconds: int = 120
+
+
+@dataclass(frozen=True)
+class PeeringSettings:
+    """kopf peering: of several replicas only the one with the highest priority acts."""
+
+    #: Run without peering (one replica, tests). The chart runs two replicas with peering.
+    standalone: bool = False
+    #: Name of the KopfPeering / ClusterKopfPeering object the replicas meet in.
+    name: str = "finetune-operator"
+    #: This replica's priority; replicas with equal priority would both act, so the chart gives each
+    #: pod a distinct one (0 means: pick a random one at start-up).
+    priority: int = 0
+    #: Seconds a replica's peering record stays valid without a heartbeat: after a crash, the next
+    #: replica takes over at most this long later. kopf's default; shorter means more API writes.
+    lifetime_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    #: Port of the Prometheus /metrics endpoint; 0 disables it.
+    port: int = 8080
+    #: Port of kopf's liveness endpoint (/healthz); 0 disables it.
+    health_port: int = 8081
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All operator settings."""
+
+    #: Namespaces to watch; empty watches the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    timing: TimingSettings = field(default_factory=TimingSettings)
+    restarts: RestartSettings = field(default_factory=RestartSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    peering: PeeringSettings = field(default_factory=PeeringSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(
+            image=self.trainer.image,
+            image_pull_policy=self.trainer.image_pull_policy,
+            service_account=self.trainer.service_account or None,
+            run_as_user=self.trainer.run_as_user,
+            termination_grace_seconds=self.trainer.termination_grace_seconds,
+        )
+
+    def lifecycle_policy(self) -> LifecyclePolicy:
+        return LifecyclePolicy(
+            restart_backoff_seconds=self.restarts.backoff_seconds,
+            restart_backoff_max_seconds=self.restarts.backoff_max_seconds,
+        )
+
+
+def _convert(kind: Any, raw: str, where: str) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{where}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def _group_from_env(group: Any, prefix: str, environ: Mapping[str, str]) -> Any:
+    hints = get_type_hints(type(group))
+    updates = {}
+    for item in dataclasses.fields(group):
+        key = f"{prefix}{item.name.upper()}"
+        if key in environ:
+            updates[item.name] = _convert(hints[item.name], environ[key], key)
+    return dataclasses.replace(group, **updates)
+
+
+def from_env(environ: Mapping[str, str] | None = None, base: Settings | None = None) -> Settings:
+    """Settings with every `FINETUNE_<GROUP>_<FIELD>` present in `environ` applied (ValueError if malformed)."""
+    environ = os.environ if environ is None else environ
+    settings = base or Settings()
+    groups = {}
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if dataclasses.is_dataclass(value):
+            groups[item.name] = _group_from_env(value, f"{ENV_PREFIX}{item.name.upper()}_", environ)
+    namespaces = environ.get(f"{ENV_PREFIX}NAMESPACES")
+    if namespaces is not None:
+        groups["namespaces"] = tuple(n for n in namespaces.replace(",", " ").split() if n)
+    return dataclasses.replace(settings, **groups)

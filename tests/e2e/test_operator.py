@@ -1,0 +1,743 @@
+"""The operator as a real process against the local control plane with KWOK GPU nodes.
+
+Each test gets its own namespace and its own operator (`python -m finetune_operator --namespace NS
+--standalone`), with short resync and restart backoffs from the environment so a whole-gang restart
+takes about a second. KWOK makes scheduled pods Running; `finish_pod` ends them with an exit code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client import CoreV1Api, CustomObjectsApi, V1ObjectMeta, V1ServiceAccount
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import new_client_from_config
+from pydantic import ValidationError
+
+from finetune_operator.api.models import parse_job
+from finetune_trainer.config import PROGRESS_ANNOTATION, ProgressReport
+from finetune_trainer.progress import PodAnnotationReporter
+
+from .conftest import BIN, REPO, Cluster
+from .kwok import finish_pod, wait_for_pod_gone
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+EXAMPLE = REPO / "examples" / "llama2-7b-alpaca-lora.yaml"
+TIMEOUT = 60.0
+#: Fast loops for tests: a whole-gang restart waits 0.5 s, a missed event costs at most 1 s.
+OPERATOR_ENV = {
+    "FINETUNE_TIMING_RESYNC_SECONDS": "1",
+    "FINETUNE_TIMING_DEBOUNCE_SECONDS": "0.05",
+    "FINETUNE_TIMING_ERROR_BACKOFF_SECONDS": "0.2",
+    "FINETUNE_RESTARTS_BACKOFF_SECONDS": "0.5",
+    "FINETUNE_TRAINER_IMAGE": "trainer:e2e",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Operator:
+    """One `python -m finetune_operator` process, its log, and its metrics port."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        log: Path,
+        *,
+        kubeconfig: Path | None = None,
+        args: tuple[str, ...] = ("--standalone",),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.cluster, self.namespace, self.log = cluster, namespace, log
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
+        self.args, self.env = args, {**OPERATOR_ENV, **(env or {})}
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Operator:
+        command = [
+            sys.executable, "-m", "finetune_operator",
+            "--kubeconfig", str(self.kubeconfig),
+            "--namespace", self.namespace,
+            "--metrics-port", str(self.metrics_port),
+            "--health-port", "0",
+            *self.args,
+        ]  # fmt: skip
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=REPO
+            )
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def tail(self, lines: int = 40) -> str:
+        return (
+            "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+        )
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+
+#: The claims the README example reads and writes (pvc://datasets/…, pvc://models/…).
+CLAIMS = ("datasets", "models")
+
+
+def bound_claims(core: CoreV1Api, namespace: str) -> list[str]:
+    """Create the example's PVCs, each pre-bound to its own PV, so the scheduler can place the workers."""
+    volumes = []
+    for claim in CLAIMS:
+        volume = f"{namespace}-{claim}"
+        core.create_persistent_volume(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": volume, "labels": {"finetune.dev/e2e": "true"}},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "e2e-manual",
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": f"/tmp/{volume}"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "e2e-manual",
+                    "volumeName": volume,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        volumes.append(volume)
+    wait_bound(core, namespace)
+    return volumes
+
+
+def wait_bound(core: CoreV1Api, namespace: str) -> None:
+    """Wait for the PV controller to bind the claims: until then the scheduler reports an unbound
+    claim instead of the reason a test is looking for (a CI run once saw exactly that)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        phases = {c.metadata.name: c.status.phase for c in core.list_namespaced_persistent_volume_claim(namespace).items}
+        if all(phases.get(claim) == "Bound" for claim in CLAIMS):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"claims not Bound after {TIMEOUT}s: {phases}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def claims(cluster: Cluster, namespace: str) -> Iterator[None]:
+    """The claims the README example reads and writes, bound, in this test's namespace."""
+    core = CoreV1Api(cluster.api_client)
+    volumes = bound_claims(core, namespace)
+    yield
+    for volume in volumes:
+        try:
+            core.delete_persistent_volume(volume)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, claims: None, tmp_path: Path) -> Iterator[Operator]:
+    """A standalone operator watching this test's namespace, with the trainer service account."""
+    core = CoreV1Api(cluster.api_client)
+    core.create_namespaced_service_account(
+        namespace, V1ServiceAccount(metadata=V1ObjectMeta(name="finetune-trainer"))
+    )
+    process = Operator(cluster, namespace, tmp_path / "operator.log").start()
+    yield process
+    process.stop()
+    print(f"--- operator log ({process.log}) ---\n{process.tail(80)}")
+
+
+@pytest.fixture
+def api(cluster: Cluster) -> CustomObjectsApi:
+    return CustomObjectsApi(cluster.api_client)
+
+
+@pytest.fixture
+def core(cluster: Cluster) -> CoreV1Api:
+    return CoreV1Api(cluster.api_client)
+
+
+def example(name: str, **spec_updates: Any) -> dict[str, Any]:
+    """The README example under another name, with top-level spec blocks merged in."""
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["metadata"] = {"name": name}
+    for key, value in spec_updates.items():
+        current = document["spec"].get(key)
+        document["spec"][key] = {**current, **value} if isinstance(current, dict) else copy.deepcopy(value)
+    return document
+
+
+def two_nodes(name: str, **run_policy: Any) -> dict[str, Any]:
+    """16 GPUs: two workers of 8, the smallest real gang."""
+    return example(name, resources={"gpus": 16, "gpusPerNode": 8}, runPolicy=run_policy)
+
+
+def create(api: CustomObjectsApi, namespace: str, document: dict[str, Any]) -> None:
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, document)
+
+
+def get(api: CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    return body
+
+
+def wait_job(
+    api: CustomObjectsApi,
+    operator: Operator,
+    name: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    what: str,
+    timeout: float = TIMEOUT,
+) -> dict[str, Any]:
+    """Poll the job until `predicate(status)` holds; fail with its status and the operator's log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = get(api, operator.namespace, name).get("status") or {}
+        if predicate(status):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{name}: no {what} after {timeout}s\nstatus: {status}\nlog:\n{operator.tail()}"
+            )
+        time.sleep(0.2)
+
+
+def phase_is(phase: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda status: status.get("phase") == phase
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+def worker_pods(core: CoreV1Api, namespace: str, job: str) -> list[Any]:
+    pods = core.list_namespaced_pod(namespace, label_selector=f"finetune.dev/job-name={job}").items
+    return sorted(pods, key=lambda p: p.metadata.name)
+
+
+def wait_pods(
+    core: CoreV1Api, namespace: str, job: str, check: Callable[[list[Any]], bool], what: str
+) -> list[Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        pods = worker_pods(core, namespace, job)
+        if check(pods):
+            return pods
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{job}: no {what}; pods: {[(p.metadata.name, p.status.phase) for p in pods]}"
+            )
+        time.sleep(0.2)
+
+
+def all_running(count: int, attempt: int = 0) -> Callable[[list[Any]], bool]:
+    def check(pods: list[Any]) -> bool:
+        live = [p for p in pods if not p.metadata.deletion_timestamp]
+        return (
+            len(live) == count
+            and all(p.status.phase == "Running" for p in live)
+            and all(p.metadata.labels["finetune.dev/attempt"] == str(attempt) for p in live)
+        )
+
+    return check
+
+
+def finish_all(core: CoreV1Api, namespace: str, job: str, code: int) -> None:
+    for pod in worker_pods(core, namespace, job):
+        finish_pod(core, namespace, pod.metadata.name, code)
+
+
+# --- the tests ----------------------------------------------------------------------------------------
+
+
+def test_readme_example_is_planned_runs_and_succeeds(
+    cluster: Cluster, api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "llama2-7b-alpaca-lora"
+    create(api, ns, example(name))
+    status = wait_job(api, operator, name, phase_is("Running"), "Running phase")
+    assert status["plan"]["fits"] is True
+    assert (status["plan"]["gpus"], status["plan"]["nodes"], status["plan"]["gpuType"]) == (1, 1, "A100-80GB")
+    assert condition(status, "Planned")["status"] == "True"
+    assert status["workers"] == {"total": 1, "pending": 0, "running": 1, "succeeded": 0, "failed": 0}
+
+    (pod,) = worker_pods(core, ns, name)
+    container = pod.spec.containers[0]
+    env = {e.name: e.value for e in container.env}
+    assert pod.metadata.name == f"{name}-worker-0"
+    assert pod.metadata.labels["finetune.dev/job-name"] == name
+    assert pod.metadata.labels["finetune.dev/replica-index"] == "0"
+    assert pod.spec.node_name.startswith("a100-")
+    assert (
+        container.resources.requests["nvidia.com/gpu"] == container.resources.limits["nvidia.com/gpu"] == "1"
+    )
+    assert env["MASTER_ADDR"] == f"{name}-worker-0.{name}-workers"
+    assert (env["NNODES"], env["NODE_RANK"], env["NPROC_PER_NODE"], env["WORLD_SIZE"]) == ("1", "0", "1", "1")
+    assert pod.spec.hostname == f"{name}-worker-0" and pod.spec.subdomain == f"{name}-workers"
+    assert pod.spec.service_account_name == "finetune-trainer"
+    assert pod.spec.security_context.run_as_non_root is True
+    assert container.security_context.capabilities.drop == ["ALL"]
+    assert core.read_namespaced_service(f"{name}-workers", ns).spec.cluster_ip == "None"
+    assert "trainer_config.yaml" in core.read_namespaced_config_map(f"{name}-config", ns).data
+
+    table = cluster.kubectl("get", "ftj", name, "-n", ns, "--no-headers").stdout.split()
+    assert table[:5] == [name, "Running", "lora", "1", "1"]
+
+    finish_pod(core, ns, pod.metadata.name, 0)
+    waited = cluster.kubectl(
+        "wait", "--for=condition=Succeeded", f"ftj/{name}", "-n", ns, "--timeout=60s", check=False
+    )
+    assert waited.returncode == 0, waited.stderr + operator.tail()
+    status = get(api, ns, name)["status"]
+    assert status["phase"] == "Succeeded" and status["completionTime"]
+    reasons = {
+        e.reason for e in core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    }
+    assert {"Pending", "CreatedWorkers", "Running", "Succeeded"} <= reasons
+    scraped = operator.metrics()
+    assert f'finetune_job_phase{{job="{name}",namespace="{ns}",phase="Succeeded"}} 1.0' in scraped
+    assert f'finetune_job_planned_gpus{{job="{name}",namespace="{ns}"}} 1.0' in scraped
+
+
+def test_a_failed_worker_restarts_the_whole_gang_which_then_succeeds(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "gang"
+    create(api, ns, two_nodes(name))
+    first = wait_pods(core, ns, name, all_running(2), "two running workers")
+    assert [p.spec.containers[0].resources.limits["nvidia.com/gpu"] for p in first] == ["8", "8"]
+    assert len({p.spec.node_name for p in first}) == 2
+    finish_pod(core, ns, "gang-worker-1", 1)
+
+    second = wait_pods(core, ns, name, all_running(2, attempt=1), "a new gang (attempt 1)")
+    assert {p.metadata.uid for p in second}.isdisjoint({p.metadata.uid for p in first})
+    status = wait_job(api, operator, name, phase_is("Running"), "Running after the restart")
+    assert status["restarts"] == 1
+    assert condition(status, "Restarting")["status"] == "False"
+    finish_all(core, ns, name, 0)
+    status = wait_job(api, operator, name, phase_is("Succeeded"), "success after one restart")
+    assert status["restarts"] == 1
+
+
+def test_exhausted_backoff_fails_the_job_and_frees_the_gpus(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "flaky"
+    create(api, ns, two_nodes(name, backoffLimit=1))
+    wait_pods(core, ns, name, all_running(2), "two running workers")
+    finish_pod(core, ns, "flaky-worker-0", 1)
+    wait_pods(core, ns, name, all_running(2, attempt=1), "the restarted gang")
+    finish_pod(core, ns, "flaky-worker-0", 1)
+    status = wait_job(api, operator, name, phase_is("Failed"), "Failed")
+    assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert status["restarts"] == 1 and status["completionTime"]
+    wait_for_pod_gone(core, ns, "flaky-worker-1")  # the healthy worker is removed, its GPUs freed
+
+
+def test_a_config_error_exit_code_fails_at_once(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "bad-config"
+    create(api, ns, example(name))
+    wait_pods(core, ns, name, all_running(1), "a running worker")
+    finish_pod(core, ns, "bad-config-worker-0", 78)
+    status = wait_job(api, operator, name, phase_is("Failed"), "Failed")
+    assert condition(status, "Failed")["reason"] == "ConfigError"
+    assert status["restarts"] == 0
+
+
+def test_a_pod_the_api_server_refuses_fails_the_job_with_its_message(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """The Priority admission plugin refuses a pod naming a missing PriorityClass (403, not a quota)."""
+    ns, name = operator.namespace, "no-such-priority"
+    create(api, ns, example(name, priorityClassName="does-not-exist"))
+    status = wait_job(api, operator, name, phase_is("Failed"), "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "Rejected"
+    assert "does-not-exist" in failed["message"]
+    assert worker_pods(core, ns, name) == []
+
+
+def test_not_enough_gpus_is_unschedulable_with_the_schedulers_message(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "too-big"
+    create(api, ns, example(name, resources={"gpus": 40, "gpusPerNode": 8}))  # 5 nodes; the cluster has 4
+
+    def short_of_gpus(status: dict[str, Any]) -> bool:
+        # The scheduler's message can name another cause first (its caches lag); the operator
+        # follows it as it changes, so wait for the GPU shortage rather than the first reason.
+        scheduled = condition(status, "Scheduled")
+        return scheduled.get("reason") == "Unschedulable" and "Insufficient nvidia.com/gpu" in scheduled["message"]
+
+    status = wait_job(api, operator, name, short_of_gpus, "Unschedulable for lack of GPUs")
+    assert status["phase"] == "Scheduling"
+    assert condition(status, "Scheduled")["status"] == "False"
+
+
+def test_suspend_removes_the_workers_and_resume_brings_them_back(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "pausable"
+    create(api, ns, two_nodes(name))
+    wait_pods(core, ns, name, all_running(2), "two running workers")
+    patch = {"spec": {"runPolicy": {"suspend": True}}}
+    api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+    wait_pods(core, ns, name, lambda pods: not pods, "no workers while suspended")
+    status = wait_job(api, operator, name, phase_is("Suspended"), "Suspended")
+    assert status["plan"]["nodes"] == 2 and status["restarts"] == 0
+    patch["spec"]["runPolicy"]["suspend"] = False
+    api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+    wait_pods(core, ns, name, all_running(2), "the workers back")
+    status = wait_job(api, operator, name, phase_is("Running"), "Running again")
+    assert condition(status, "Suspended")["reason"] == "Resumed"
+
+
+def test_deleting_the_job_garbage_collects_everything(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "doomed"
+    create(api, ns, two_nodes(name))
+    wait_pods(core, ns, name, all_running(2), "two running workers")
+    assert get(api, ns, name)["metadata"].get("finalizers") in (None, [])
+    api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    wait_pods(core, ns, name, lambda pods: not pods, "pods garbage-collected")
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        left = core.list_namespaced_config_map(ns, label_selector=f"finetune.dev/job-name={name}").items
+        left += core.list_namespaced_service(ns, label_selector=f"finetune.dev/job-name={name}").items
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, [o.metadata.name for o in left]
+
+
+def test_ttl_after_finished_deletes_the_job(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "short-lived"
+    create(api, ns, example(name, runPolicy={"ttlSecondsAfterFinished": 1}))
+    wait_pods(core, ns, name, all_running(1), "a running worker")
+    finish_pod(core, ns, f"{name}-worker-0", 0)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            get(api, ns, name)
+        except ApiException as exc:
+            assert exc.status == 404
+            break
+        assert time.monotonic() < deadline, operator.tail()
+        time.sleep(0.2)
+
+
+def test_active_deadline_fails_a_job_that_runs_too_long(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "slow"
+    create(api, ns, example(name, runPolicy={"activeDeadlineSeconds": 3}))
+    status = wait_job(api, operator, name, phase_is("Failed"), "Failed on the deadline")
+    assert condition(status, "Failed")["reason"] == "DeadlineExceeded"
+    wait_pods(core, ns, name, lambda pods: not pods, "the worker removed")
+
+
+def test_operator_killed_mid_job_readopts_its_pods_without_duplicates(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "survivor"
+    create(api, ns, two_nodes(name))
+    before = wait_pods(core, ns, name, all_running(2), "two running workers")
+    wait_job(api, operator, name, phase_is("Running"), "Running")
+    operator.kill9()
+    operator.start()
+    time.sleep(3)  # several resync periods of the new process
+    after = worker_pods(core, ns, name)
+    assert [(p.metadata.name, p.metadata.uid) for p in after] == [
+        (p.metadata.name, p.metadata.uid) for p in before
+    ]
+    finish_all(core, ns, name, 0)
+    status = wait_job(api, operator, name, phase_is("Succeeded"), "success under the new operator")
+    assert status["restarts"] == 0
+
+
+def test_a_model_that_does_not_fit_fails_with_memory_fits_and_no_pods(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    ns, name = operator.namespace, "too-large"
+    document = example(name, model={"name": "meta-llama/Meta-Llama-3-70B"}, method={"type": "full"})
+    document["spec"]["method"] = {"type": "full"}
+    document["spec"]["resources"] = {"gpuType": "L4", "gpusPerNode": 1, "gpus": 1}
+    create(api, ns, document)
+    status = wait_job(api, operator, name, phase_is("Failed"), "Failed")
+    assert condition(status, "MemoryFits")["status"] == "False"
+    assert condition(status, "Failed")["reason"] == "MemoryFits"
+    assert "does not fit" in condition(status, "Failed")["message"]
+    assert status["plan"]["fits"] is False
+    assert worker_pods(core, ns, name) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda s: s["training"].update(learningRate=-1), "learningRate"),
+        (lambda s: s.update(resources={"gpusPerNode": 8}), "set resources.gpuType or resources.gpuMemoryGiB"),
+        (lambda s: s["method"].update(type="full"), "method.lora is only for type lora, qlora or dora"),
+        (
+            lambda s: s.update(method={"type": "prefix"}, distributed={"zeroStage": 3}),
+            "prefix and prompt tuning do not run under distributed.zeroStage 3",
+        ),
+        (
+            lambda s: (
+                s["training"].update(optimizer="adamw_8bit"),
+                s["distributed"].update(offload="optimizer"),
+            ),
+            "distributed.offload optimizer/all needs training.optimizer adamw",
+        ),
+        (
+            lambda s: s["training"].update(earlyStopping={"patience": 2}),
+            "earlyStopping needs dataset.validationSplit",
+        ),
+        (lambda s: s["distributed"].update(zeroStage=7), "distributed.zeroStage must be 0, 1, 2, 3 or auto"),
+        (
+            lambda s: s["model"].update(
+                architecture={
+                    "vocabSize": 8,
+                    "hiddenSize": 8,
+                    "intermediateSize": 8,
+                    "numLayers": 1,
+                    "numHeads": 3,
+                    "numKVHeads": 2,
+                }
+            ),
+            "numKVHeads must divide numHeads",
+        ),
+    ],
+    ids=[
+        "schema",
+        "cel-resources",
+        "cel-method",
+        "cel-zero3",
+        "cel-offload",
+        "cel-early-stop",
+        "cel-zero-stage",
+        "cel-kv-heads",
+    ],
+)
+def test_invalid_specs_are_rejected_at_apply(
+    api: CustomObjectsApi, operator: Operator, mutate: Callable[[dict[str, Any]], None], fragment: str
+) -> None:
+    """The API server and the Python models (ftctl, the operator) refuse the same specs, alike."""
+    document = example("invalid")
+    mutate(document["spec"])
+    with pytest.raises(ApiException) as err:
+        create(api, operator.namespace, document)
+    assert err.value.status == 422
+    assert fragment in str(err.value.body)
+    with pytest.raises(ValidationError) as python_err:
+        parse_job(document)
+    assert fragment in str(python_err.value)
+
+
+# --- the Helm chart's RBAC and kopf peering: two replicas, one acts ---------------------------------------
+
+CHART = REPO / "charts" / "finetune-operator"
+
+
+def install_chart(cluster: Cluster, namespace: str, release: str) -> list[dict[str, Any]]:
+    """`helm template` for this namespace, applied without the Deployment (the test runs the replicas as
+    local processes, under the chart's service account): CRDs first, then the rest once established."""
+    rendered = subprocess.run(
+        [str(BIN / "helm"), "template", release, str(CHART), "-n", namespace, "--kube-version", "1.37.2",
+         "--set", f"watchNamespaces={{{namespace}}}", "--set", f"trainerNamespaces={{{namespace}}}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    documents = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] != "Deployment"]
+    crds = [d for d in documents if d["kind"] == "CustomResourceDefinition"]
+    rest = [d for d in documents if d["kind"] != "CustomResourceDefinition"]
+    for batch in (crds, rest):
+        applied = subprocess.run(
+            [str(BIN / "kubectl"), "--kubeconfig", str(cluster.kubeconfig), "apply", "-f", "-"],
+            input=yaml.safe_dump_all(batch), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert applied.returncode == 0, applied.stderr
+        if batch is crds:
+            names = [f"crd/{d['metadata']['name']}" for d in crds]
+            cluster.kubectl("wait", "--for=condition=Established", *names, "--timeout=30s")
+    return documents
+
+
+def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as `account`, so RBAC is exactly what the chart grants."""
+    token = cluster.kubectl("-n", namespace, "create", "token", account, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": admin["clusters"][0]["cluster"]}],
+                "users": [{"name": account, "user": {"token": token}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "c", "user": account}}],
+                "current-context": "sa",
+            }
+        )
+    )
+    return path
+
+
+def wait_for_peers(api: CustomObjectsApi, namespace: str, count: int) -> None:
+    """Until `count` operators have registered in the namespace's KopfPeering (kopf writes one status
+    entry per live peer)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        peering = api.get_namespaced_custom_object(
+            "kopf.dev", "v1", namespace, "kopfpeerings", "finetune-operator"
+        )
+        if len(peering.get("status") or {}) >= count:
+            return
+        assert time.monotonic() < deadline, f"peers in KopfPeering: {peering.get('status')}"
+        time.sleep(0.2)
+
+
+def test_rank0_progress_reaches_status_and_kubectl_get_under_the_charts_trainer_rbac(
+    cluster: Cluster, api: CustomObjectsApi, core: CoreV1Api, operator: Operator, tmp_path: Path
+) -> None:
+    """The trainer's own reporter, authenticated as the chart's trainer service account, patches rank 0's
+    pod; the operator copies the report into status; `kubectl get ftj` shows Progress, Loss and ETA."""
+    ns, name = operator.namespace, "progress"
+    install_chart(cluster, ns, "ft")
+    create(api, ns, example(name))
+    wait_job(api, operator, name, phase_is("Running"), "Running phase")
+    (pod,) = worker_pods(core, ns, name)
+    trainer_kubeconfig = service_account_kubeconfig(
+        cluster, ns, "finetune-trainer", tmp_path / "trainer.kubeconfig"
+    )
+    as_trainer = CoreV1Api(new_client_from_config(str(trainer_kubeconfig)))
+    report = ProgressReport(
+        step=120,
+        total_steps=1000,
+        epoch=0.36,
+        loss=1.234,
+        learning_rate=2e-4,
+        tokens_per_second=5000.0,
+        elapsed_seconds=600.0,
+        steps_this_attempt=120,
+    )
+    PodAnnotationReporter(pod.metadata.name, ns, api=as_trainer).report(report)
+    annotations = core.read_namespaced_pod(pod.metadata.name, ns).metadata.annotations
+    assert ProgressReport.from_json(annotations[PROGRESS_ANNOTATION]).step == 120  # the patch was allowed
+    with pytest.raises(ApiException) as denied:  # and the trainer may patch pods, not delete them
+        as_trainer.delete_namespaced_pod(pod.metadata.name, ns)
+    assert denied.value.status == 403
+
+    status = wait_job(api, operator, name, lambda s: (s.get("progress") or {}).get("step") == 120, "progress")
+    progress = status["progress"]
+    assert (progress["totalSteps"], progress["percent"], progress["loss"]) == (1000, 12, 1.234)
+    assert progress["eta"] == "1h13m"  # 880 steps left at 120 steps per 600 s
+    row = cluster.kubectl("get", "ftj", name, "-n", ns, "--no-headers").stdout.split()
+    assert row[1:8] == ["Running", "lora", "1", "1", "12%", "(120/1000)", "1.234"]
+    scraped = operator.metrics()
+    assert f'finetune_job_loss{{job="{name}",namespace="{ns}"}} 1.234' in scraped
+
+
+def test_two_peered_replicas_under_the_charts_rbac_one_acts_and_the_other_takes_over(
+    cluster: Cluster, namespace: str, claims: None, api: CustomObjectsApi, core: CoreV1Api, tmp_path: Path
+) -> None:
+    release = f"ft-{namespace[-6:]}"
+    documents = install_chart(cluster, namespace, release)
+    kubeconfig = service_account_kubeconfig(cluster, namespace, release, tmp_path / "sa.kubeconfig")
+    fast_peering = {"FINETUNE_PEERING_LIFETIME_SECONDS": "3"}
+    active = Operator(
+        cluster,
+        namespace,
+        tmp_path / "active.log",
+        kubeconfig=kubeconfig,
+        args=("--priority", "200"),
+        env=fast_peering,
+    )
+    standby = Operator(
+        cluster,
+        namespace,
+        tmp_path / "standby.log",
+        kubeconfig=kubeconfig,
+        args=("--priority", "100"),
+        env=fast_peering,
+    )
+    try:
+        active.start()
+        wait_for_peers(api, namespace, 1)
+        standby.start()
+        wait_for_peers(api, namespace, 2)  # both registered: from now on only the higher priority acts
+        name = "peered"
+        create(api, namespace, two_nodes(name))
+        first = wait_pods(core, namespace, name, all_running(2), "two running workers")
+        wait_job(api, active, name, phase_is("Running"), "Running")
+        assert "CreatedWorkers" in active.log.read_text()
+        assert "CreatedWorkers" not in standby.log.read_text()  # paused by peering: it never acted
+
+        active.kill9()
+        finish_pod(core, namespace, f"{name}-worker-1", 1)
+        second = wait_pods(
+            core, namespace, name, all_running(2, attempt=1), "the gang restarted by the standby"
+        )
+        assert {p.metadata.uid for p in second}.isdisjoint({p.metadata.uid for p in first})
+        status = wait_job(api, standby, name, phase_is("Running"), "Running under the standby")
+        assert status["restarts"] == 1
+        finish_all(core, namespace, name, 0)
+        wait_job(api, standby, name, phase_is("Succeeded"), "success under the standby")
+    finally:
+        for process in (active, standby):
+            process.stop()
+            print(f"--- {process.log.name} ---\n{process.tail(40)}")
+        for document in documents:
+            if document["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+                cluster.kubectl("delete", document["kind"].lower(), document["metadata"]["name"], check=False)

@@ -1,0 +1,185 @@
+"""The glue around the lifecycle: deciding from raw API documents, settings, metrics and kopf wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import kopf
+import pytest
+from kopf._core.intents.handlers import DaemonHandler
+from kubernetes.client.exceptions import ApiException
+from operator_fixtures import NOW, job_doc, pod_doc
+from prometheus_client import generate_latest
+
+from finetune_operator import handlers
+from finetune_operator.adapters.kube import classify
+from finetune_operator.api.enums import Offload
+from finetune_operator.api.models import FineTuneJobStatus, PlanStatus, ProgressStatus
+from finetune_operator.controller import Controller, decide
+from finetune_operator.metrics import build_metrics
+from finetune_operator.settings import Settings, from_env
+
+
+def stored(document: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A job as the API server returns it (resourceVersion, creationTimestamp, maybe a status)."""
+    body = json.loads(json.dumps(document))
+    body["metadata"].update({"resourceVersion": "42", "creationTimestamp": "2025-01-01T00:00:00Z"})
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def test_decide_plans_and_creates_from_a_stored_document() -> None:
+    actions = decide(stored(job_doc()), [], NOW, Settings())
+    assert actions.status.phase == "Scheduling"
+    assert [p["metadata"]["name"] for p in actions.create_pods] == ["tiny-worker-0", "tiny-worker-1"]
+    assert actions.create_pods[0]["spec"]["containers"][0]["image"] == Settings().trainer.image
+
+
+def test_decide_uses_kueue_for_queued_jobs() -> None:
+    actions = decide(stored(job_doc(runPolicy={"queueName": "q"})), [], NOW, Settings())
+    assert actions.create_pods[0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+
+
+def test_decide_fails_a_document_the_models_reject() -> None:
+    document = job_doc()
+    document["spec"]["training"] = {"learningRate": 5}
+    actions = decide(stored(document), [], NOW, Settings())
+    assert actions.status.phase == "Failed"
+    failed = next(c for c in actions.status.conditions if c.type == "Failed")
+    assert failed.reason == "InvalidSpec" and "spec.training.learningRate" in failed.message
+    assert actions.create_pods == ()
+
+
+def test_decide_ignores_an_unreadable_status_and_rebuilds_it() -> None:
+    actions = decide(stored(job_doc(), {"phase": "Bogus"}), [pod_doc(0), pod_doc(1)], NOW, Settings())
+    assert actions.status.phase == "Running"
+
+
+def test_settings_from_env_by_group_and_field() -> None:
+    settings = from_env(
+        {
+            "FINETUNE_RESTARTS_BACKOFF_SECONDS": "0.5",
+            "FINETUNE_TIMING_RESYNC_SECONDS": "2",
+            "FINETUNE_PEERING_STANDALONE": "true",
+            "FINETUNE_TRAINER_IMAGE": "img:1",
+            "FINETUNE_NAMESPACES": "a, b",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings.restarts.backoff_seconds == 0.5
+    assert settings.timing.resync_seconds == 2.0
+    assert settings.peering.standalone is True
+    assert settings.trainer.image == "img:1"
+    assert settings.namespaces == ("a", "b")
+    assert settings.lifecycle_policy().backoff(2) == 1.0
+    assert settings.render_options().image == "img:1"
+
+
+def test_settings_reject_malformed_values() -> None:
+    with pytest.raises(ValueError, match="FINETUNE_TIMING_RESYNC_SECONDS"):
+        from_env({"FINETUNE_TIMING_RESYNC_SECONDS": "soon"})
+
+
+def test_metrics_follow_jobs_and_forget_deleted_ones() -> None:
+    metrics = build_metrics()
+    plan = PlanStatus(
+        fits=True,
+        gpus=16,
+        nodes=2,
+        gpus_per_node=8,
+        zero_stage=2,
+        offload=Offload.NONE,
+        per_gpu_bytes=1,
+        usable_bytes=2,
+    )
+    status = FineTuneJobStatus(
+        phase="Running",
+        restarts=1,
+        plan=plan,
+        progress=ProgressStatus(step=25, total_steps=100, loss=1.5, tokens_per_second=900.0),
+    )
+    metrics.observe("ns", "a", status, restarted=True)
+    metrics.observe("ns", "b", FineTuneJobStatus(phase="Failed"))
+    sample = metrics.registry.get_sample_value
+    assert sample("finetune_jobs", {"phase": "Running"}) == 1
+    assert sample("finetune_jobs", {"phase": "Failed"}) == 1
+    assert sample("finetune_job_phase", {"namespace": "ns", "job": "a", "phase": "Running"}) == 1
+    assert sample("finetune_job_phase", {"namespace": "ns", "job": "a", "phase": "Pending"}) == 0
+    assert sample("finetune_job_planned_gpus", {"namespace": "ns", "job": "a"}) == 16
+    assert sample("finetune_job_progress_ratio", {"namespace": "ns", "job": "a"}) == 0.25
+    assert sample("finetune_job_loss", {"namespace": "ns", "job": "a"}) == 1.5
+    assert sample("finetune_job_tokens_per_second", {"namespace": "ns", "job": "a"}) == 900
+    assert sample("finetune_gang_restarts_total", {"namespace": "ns"}) == 1
+    metrics.forget("ns", "a")
+    assert sample("finetune_jobs", {"phase": "Running"}) == 0
+    assert b'job="a"' not in generate_latest(metrics.registry)
+    # two sets never collide: nothing is registered at import time
+    assert build_metrics().registry is not metrics.registry
+
+
+def test_the_job_daemon_puts_no_finalizer_on_jobs() -> None:
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, Controller(Settings(), api=None, metrics=build_metrics()), Settings())  # type: ignore[arg-type]
+    daemons = [h for h in registry._spawning._handlers if isinstance(h, DaemonHandler)]
+    assert len(daemons) == 1 and daemons[0].requires_finalizer is False
+    assert all(getattr(h, "requires_finalizer", False) in (False, None) for h in registry._changing._handlers)
+
+
+def test_wake_reaches_only_loops_this_replica_runs() -> None:
+    controller = Controller(Settings(), api=None, metrics=build_metrics())  # type: ignore[arg-type]
+    controller.wake("ns", "nobody")  # no loop: nothing happens, nothing is created
+    assert controller._wakers == {}
+
+    async def scenario() -> bool:
+        waker = controller._wakers.setdefault(("ns", "job"), asyncio.Event())
+        controller.wake("ns", "job")
+        return waker.is_set()
+
+    assert asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (ApiException(status=409, reason="Conflict"), kopf.TemporaryError),
+        (ApiException(status=429, reason="Too Many Requests"), kopf.TemporaryError),
+        (ApiException(status=503, reason="Unavailable"), kopf.TemporaryError),
+        (ApiException(status=0, reason="connection refused"), kopf.TemporaryError),
+        (ConnectionRefusedError("refused"), kopf.TemporaryError),
+        (ApiException(status=422, reason="Unprocessable Entity"), kopf.PermanentError),
+        (ApiException(status=400, reason="Bad Request"), kopf.PermanentError),
+    ],
+)
+def test_api_errors_are_temporary_or_permanent(error: Exception, kind: type[Exception]) -> None:
+    classified = classify(error, "create pod ns/x")
+    assert type(classified) is kind
+    assert str(classified).startswith("create pod ns/x")
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ('pods "x" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=8', kopf.TemporaryError),
+        (
+            'pods is forbidden: User "system:serviceaccount:ops:op" cannot create resource "pods"',
+            kopf.TemporaryError,
+        ),
+        ('pods "x" is forbidden: no PriorityClass with name nope was found', kopf.PermanentError),
+    ],
+)
+def test_forbidden_is_temporary_only_for_quota_and_rbac(message: str, kind: type[Exception]) -> None:
+    """Quota and RBAC refusals clear without a spec change; an admission plugin's refusal does not."""
+    error = ApiException(status=403, reason="Forbidden")
+    error.body = json.dumps({"kind": "Status", "message": message})
+    assert type(classify(error, "create pod ns/x")) is kind
+
+
+def test_api_error_messages_come_from_the_status_body() -> None:
+    error = ApiException(status=422, reason="Unprocessable Entity")
+    error.body = json.dumps(
+        {"kind": "Status", "message": 'Pod "x" is invalid: spec.priorityClassName: not found'}
+    )
+    assert "spec.priorityClassName: not found" in str(classify(error, "create pod ns/x"))
