@@ -1,0 +1,1 @@
+"""Trainer tests: tiny models and data on CPU, nothing downloaded."""

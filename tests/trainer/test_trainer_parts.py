@@ -1,0 +1,270 @@
+"""The trainer's parts in one process: checkpoints, progress, metrics, methods, QLoRA quantisation, launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from finetune_operator.api.enums import NO_ZERO3_METHODS, OFFLOAD_OPTIMIZERS, Method, Offload, Optimizer
+from finetune_trainer import checkpoints
+from finetune_trainer.config import PROGRESS_ANNOTATION, ProgressReport, TrainerConfig
+from finetune_trainer.deepspeed import render_deepspeed_config
+from finetune_trainer.exit_codes import ConfigurationError
+from finetune_trainer.methods import REGISTRY, method_for
+from finetune_trainer.model import count_parameters, load_model, load_tokenizer
+from finetune_trainer.progress import FileReporter, PodAnnotationReporter, ThrottledReporter, start_metrics
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def make_checkpoint(root: Path, step: int, complete: bool) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
+    if complete:
+        checkpoints.mark_complete(path, step)
+    return path
+
+
+def test_latest_complete_ignores_partial_and_foreign_directories(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 10, True)
+    make_checkpoint(tmp_path, 20, True)
+    make_checkpoint(tmp_path, 30, False)  # killed while saving
+    (tmp_path / "checkpoint-40.tmp").mkdir()  # not our naming
+    (tmp_path / "checkpoint-abc").mkdir()
+    latest = checkpoints.latest_complete(tmp_path)
+    assert latest is not None and (latest.step, latest.path.name) == (20, "checkpoint-20")
+    assert [(c.step, c.complete) for c in checkpoints.list_checkpoints(tmp_path)] == [
+        (10, True),
+        (20, True),
+        (30, False),
+    ]
+
+
+def test_no_checkpoint_means_start_from_zero(tmp_path: Path) -> None:
+    assert checkpoints.latest_complete(tmp_path / "missing") is None
+    make_checkpoint(tmp_path, 5, False)
+    assert checkpoints.latest_complete(tmp_path) is None
+
+
+def test_prune_keeps_the_newest_complete_and_a_save_in_flight(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        make_checkpoint(tmp_path, step, True)
+    make_checkpoint(tmp_path, 15, False)  # stale partial, older than the newest complete
+    make_checkpoint(tmp_path, 50, False)  # may be being written right now
+    deleted = checkpoints.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["checkpoint-10", "checkpoint-15", "checkpoint-20"]
+    assert [c.step for c in checkpoints.list_checkpoints(tmp_path)] == [30, 40, 50]
+
+
+def test_remove_partial_at_start_up(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 10, True)
+    make_checkpoint(tmp_path, 20, False)
+    assert [p.name for p in checkpoints.remove_partial(tmp_path)] == ["checkpoint-20"]
+    assert [c.step for c in checkpoints.list_checkpoints(tmp_path)] == [10]
+
+
+# --- progress and metrics ---------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttled_reporter_passes_one_report_per_interval_and_every_forced_one(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "progress.json"
+    reporter = ThrottledReporter(FileReporter(path), interval=10.0, clock=clock)
+    assert reporter.report(ProgressReport(step=1, total_steps=9))
+    clock.now += 5
+    assert not reporter.report(ProgressReport(step=2, total_steps=9))
+    assert ProgressReport.from_json(path.read_text()).step == 1
+    assert reporter.report(ProgressReport(step=3, total_steps=9, state="completed"), force=True)
+    clock.now += 10
+    assert reporter.report(ProgressReport(step=4, total_steps=9))
+    assert ProgressReport.from_json(path.read_text()).step == 4
+
+
+class FakePods:
+    def __init__(self, fail: bool = False) -> None:
+        self.patches: list[tuple[str, str, Any]] = []
+        self.fail = fail
+
+    def patch_namespaced_pod(self, name: str, namespace: str, body: Any) -> Any:
+        if self.fail:
+            raise ConnectionError("API server unreachable")
+        self.patches.append((name, namespace, body))
+        return body
+
+
+def test_pod_annotation_reporter_patches_its_own_pod_with_the_shared_payload() -> None:
+    pods = FakePods()
+    PodAnnotationReporter("job-worker-0", "team-a", api=pods).report(ProgressReport(step=3, total_steps=10))
+    [(name, namespace, body)] = pods.patches
+    assert (name, namespace) == ("job-worker-0", "team-a")
+    payload = body["metadata"]["annotations"][PROGRESS_ANNOTATION]
+    assert ProgressReport.from_json(payload).to_status().display == "30% (3/10)"
+
+
+def test_a_failing_api_server_never_stops_training(caplog: pytest.LogCaptureFixture) -> None:
+    PodAnnotationReporter("p", "ns", api=FakePods(fail=True)).report(ProgressReport(step=1))
+    assert "progress report to pod ns/p failed" in caplog.text
+
+
+def test_metrics_are_served_and_registered_only_when_created() -> None:
+    metrics = start_metrics("job-a", rank=0, port=0)
+    metrics.update(ProgressReport(step=7, total_steps=10, loss=1.25, tokens_per_second=99.0))
+    assert metrics.port is not None
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=5).read().decode()
+    assert 'finetune_trainer_step{job_name="job-a",rank="0"} 7.0' in body
+    assert 'finetune_trainer_loss{job_name="job-a",rank="0"} 1.25' in body
+    assert "finetune_trainer_tokens_per_second" in body and "finetune_trainer_gpu_memory_peak_bytes" in body
+    # A second set (another rank in the same process) does not collide: each has its own registry.
+    start_metrics("job-a", rank=1, port=None).update(ProgressReport(step=1))
+
+
+# --- methods --------------------------------------------------------------------------------------------
+
+
+def test_every_api_method_has_exactly_one_builder() -> None:
+    assert set(REGISTRY) == set(Method)
+
+
+def config_for(model_dir: Path, method: dict[str, Any], zero_stage: int = 0) -> TrainerConfig:
+    return TrainerConfig.model_validate(
+        {
+            "jobName": "unit",
+            "model": {"uri": str(model_dir)},
+            "dataset": {"uri": "/unused.jsonl", "format": "text"},
+            "method": method,
+            "training": {"precision": "fp32"},
+            "output": {"uri": "/unused"},
+            "paths": {"model": str(model_dir), "output": "/unused", "checkpoints": "/unused/c"},
+            "zeroStage": zero_stage,
+        }
+    )
+
+
+def build(config: TrainerConfig) -> torch.nn.Module:
+    method = method_for(config.method.type)
+    method.check(config)
+    tokenizer = load_tokenizer(config)
+    quantization = method.quantization(config)
+    device_map = {"": "cpu"} if quantization is not None else None
+    base = load_model(config, tokenizer, quantization=quantization, device_map=device_map)
+    return method.apply(base, config)
+
+
+def test_freeze_trains_only_the_last_layers(tiny_llama_dir: Path) -> None:
+    model = build(config_for(tiny_llama_dir, {"type": "freeze", "freeze": {"trainableLayers": 1}}))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("model.layers.1.") for name in trainable), sorted(trainable)
+
+
+def test_qlora_quantises_the_base_to_4bit_nf4_and_trains_only_the_adapter(tiny_llama_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    config = config_for(
+        tiny_llama_dir,
+        {"type": "qlora", "qlora": {"computeDtype": "fp32", "quantType": "nf4", "doubleQuant": True}},
+    )
+    model = build(config)
+    adapted = [
+        m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj")) and hasattr(m, "base_layer")
+    ]
+    assert len(adapted) == 4  # 2 layers × (q_proj, v_proj)
+    for module in adapted:
+        assert isinstance(module.base_layer, bnb.nn.Linear4bit)
+        weight = module.base_layer.weight
+        assert isinstance(weight, bnb.nn.Params4bit) and weight.dtype == torch.float32  # quant storage
+        assert weight.quant_state.quant_type == "nf4" and weight.quant_state.nested  # double quant
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trained, total = count_parameters(model)
+    # The count uses the unpacked shape of 4-bit weights: total matches the unquantised model.
+    assert total == count_parameters(build(config_for(tiny_llama_dir, {"type": "full"})))[1] + trained
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_lora_on_missing_modules_is_a_configuration_error(tiny_llama_dir: Path) -> None:
+    from finetune_trainer.exit_codes import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"method\.lora"):
+        build(config_for(tiny_llama_dir, {"type": "lora", "lora": {"targetModules": ["query"]}}))
+
+
+# --- launcher -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.trainer
+@pytest.mark.parametrize("code", [0, 75, 78, 79])
+def test_launcher_exits_with_the_workers_code_not_torchruns_1(tmp_path: Path, code: int) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(f"import os, sys\nsys.exit({code} if os.environ['RANK'] == '1' else 0)\n")
+    command = [
+        sys.executable,
+        "-m",
+        "finetune_trainer.launch",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    assert subprocess.run(command, capture_output=True, timeout=120).returncode == code
+
+
+# --- entry point ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "document",
+    ["jobName: x\nzeroStage: 9\n", "{not yaml: [", "jobName: x\nmodel: {uri: /m}\nunknownField: 1\n"],
+)
+def test_a_bad_trainer_config_exits_with_the_configuration_error_code(tmp_path: Path, document: str) -> None:
+    from finetune_trainer.__main__ import main
+    from finetune_trainer.exit_codes import ExitCode
+
+    path = tmp_path / "trainer.yaml"
+    path.write_text(document)
+    assert main(["--config", str(path)]) == ExitCode.CONFIG_ERROR
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_the_trainer_refuses_zero3_for_exactly_the_methods_the_api_and_planner_keep_off_it(
+    method: Method,
+) -> None:
+    """One list (`NO_ZERO3_METHODS`) drives the CEL rule and the planner; the trainer's own checks agree."""
+    config = config_for(Path("/unused-model"), {"type": method.value}, zero_stage=3)
+    if method in NO_ZERO3_METHODS:
+        with pytest.raises(ConfigurationError, match="ZeRO-3"):
+            method_for(method).check(config)
+    else:
+        method_for(method).check(config)
+
+
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+def test_the_trainer_offloads_exactly_the_optimizers_the_api_allows(optimizer: Optimizer) -> None:
+    config = config_for(Path("/unused-model"), {"type": "full"}, zero_stage=2).model_copy(
+        update={"offload": Offload.OPTIMIZER}
+    )
+    config = config.model_copy(
+        update={"training": config.training.model_copy(update={"optimizer": optimizer})}
+    )
+    if optimizer in OFFLOAD_OPTIMIZERS:
+        assert render_deepspeed_config(config)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    else:
+        with pytest.raises(ConfigurationError, match=r"needs training\.optimizer adamw"):
+            render_deepspeed_config(config)

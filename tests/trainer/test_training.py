@@ -1,0 +1,309 @@
+"""Every method trains under torchrun --nproc_per_node 2 with DeepSpeed on gloo (CPU), as a pod runs it.
+
+Matrix (each method once, each ZeRO stage at least twice; the full cross product would take ~4 minutes
+more on 2 cores for no new code path):
+
+    stage 0: full (Llama), prompt (Llama), lora (BERT classifier, with evaluation and early stopping)
+    stage 2: lora (Llama, also kill/resume, SIGTERM and ftctl train), qlora (Llama), prefix (BERT classifier)
+    stage 3: freeze (Llama), qlora (Llama), dora (Llama), lora (Llama, saved adapter vs in-memory logits)
+
+QLoRA runs with gradient checkpointing, as it is used in practice.
+
+prefix and prompt under ZeRO-3 are refused (see methods/prompt.py); that refusal is tested too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from finetune_trainer import checkpoints
+from finetune_trainer.config import CONFIG_FILE, load_config
+from finetune_trainer.exit_codes import ExitCode
+
+from . import harness
+
+pytestmark = pytest.mark.trainer
+
+LLAMA_STEP_LR = {"full": 2e-3, "freeze": 2e-3, "lora": 3e-2, "qlora": 3e-2, "dora": 3e-2, "prompt": 1e-1}
+
+
+def adapter_keys(out: Path) -> list[str]:
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def assert_trained(workdir: Path, expect_steps: int = 30) -> dict[str, Any]:
+    summary = harness.summary(workdir)
+    losses = [loss for _, loss in summary["lossHistory"]]
+    assert summary["steps"] == expect_steps
+    assert len(losses) >= 4, summary
+    # Falls over the run: the last two logged losses average clearly below the first two.
+    assert (losses[-1] + losses[-2]) / 2 < (losses[0] + losses[1]) / 2 - 0.02, losses
+    assert summary["finalLoss"] == losses[-1] and summary["bestLoss"] == min(losses)
+    assert 0 < summary["trainableParams"] <= summary["totalParams"]
+    assert summary["tokens"] > 0 and summary["tokensPerSecond"] > 0
+    assert summary["peakGpuMemoryAllocatedBytes"] is None  # CPU: no GPU memory to report
+    found = checkpoints.list_checkpoints(workdir / "out" / "checkpoints")
+    assert [(c.step, c.complete) for c in found] == [(20, True), (30, True)]  # saveTotalLimit 2
+    progress = harness.progress(workdir)
+    assert progress is not None and progress["state"] == "completed" and progress["step"] == expect_steps
+    return summary
+
+
+def train_ok(workdir: Path, **kwargs: Any) -> dict[str, Any]:
+    config = harness.write_trainer_config(workdir, **kwargs)
+    code = harness.run(config)
+    assert code == 0, harness.tail(workdir)
+    return assert_trained(workdir)
+
+
+@pytest.mark.parametrize(
+    ("method", "stage"),
+    [("full", 0), ("freeze", 3), ("lora", 2), ("qlora", 2), ("qlora", 3), ("dora", 3), ("prompt", 0)],
+)
+def test_llama_method_trains_and_checkpoints(
+    tmp_path: Path, tiny_llama_dir: Path, text_data: Path, method: str, stage: int
+) -> None:
+    spec: dict[str, Any] = {"type": method}
+    training: dict[str, Any] = {"learningRate": LLAMA_STEP_LR[method]}
+    if method == "qlora":
+        spec["qlora"] = {"computeDtype": "fp32"}
+        training["gradientCheckpointing"] = True  # how QLoRA is run in practice
+    if method == "freeze":
+        spec["freeze"] = {"trainableLayers": 1}
+    summary = train_ok(
+        tmp_path, model_dir=tiny_llama_dir, data=text_data, method=spec, zero_stage=stage, training=training
+    )
+    out = tmp_path / "out"
+    assert (out / "tokenizer_config.json").is_file()
+    if method in ("full", "freeze"):
+        assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+        if method == "full":
+            assert summary["trainableParams"] == summary["totalParams"]
+        else:  # one of two layers, no embeddings or head: well under half
+            assert summary["trainableParams"] < summary["totalParams"] / 2
+        return
+    keys = adapter_keys(out)
+    expected = {
+        "lora": "lora_A",
+        "qlora": "lora_A",
+        "dora": "lora_magnitude_vector",
+        "prompt": "prompt_embeddings",
+    }
+    assert any(expected[method] in k for k in keys), keys
+    assert summary["trainableParams"] < summary["totalParams"] / 10
+    # QLoRA's base was 4-bit in the run itself: all 7 projections of both layers (the head stays).
+    assert summary["quantizedLayers"] == (14 if method == "qlora" else 0)
+
+
+@pytest.mark.parametrize(("method", "stage"), [("lora", 0), ("prefix", 2)])
+def test_bert_classifier_method_trains(
+    tmp_path: Path, tiny_bert_dir: Path, classification_data: Path, method: str, stage: int
+) -> None:
+    spec: dict[str, Any] = {"type": method}
+    if method == "lora":
+        spec["lora"] = {"targetModules": ["query", "value"]}
+    summary = train_ok(
+        tmp_path,
+        model_dir=tiny_bert_dir,
+        data=classification_data,
+        method=spec,
+        zero_stage=stage,
+        classification=True,
+        dataset={"validationSplit": 0.25},
+        training={"learningRate": 1e-2, "evalSteps": 10, "earlyStopping": {"patience": 5}},
+    )
+    # Evaluated every 10 steps on the held-out quarter; patience 5 never ran out in 3 evaluations.
+    assert summary["finalEvalLoss"] is not None and summary["bestEvalLoss"] <= summary["finalEvalLoss"]
+    progress = harness.progress(tmp_path)
+    assert progress is not None and progress["evalLoss"] == summary["finalEvalLoss"]
+    keys = adapter_keys(tmp_path / "out")
+    # SEQ_CLS: PEFT trains and saves the new classifier head next to the adapter.
+    assert any("classifier" in k for k in keys), keys
+
+
+def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(
+    tmp_path: Path, tiny_bert_dir: Path, classification_data: Path
+) -> None:
+    """A threshold no change can beat: the first evaluation sets the best, the next two are not
+    improvements, so patience 2 stops the run at step 15 of 30."""
+    config = harness.write_trainer_config(
+        tmp_path,
+        model_dir=tiny_bert_dir,
+        data=classification_data,
+        method={"type": "lora", "lora": {"targetModules": ["query", "value"]}},
+        zero_stage=0,
+        classification=True,
+        dataset={"validationSplit": 0.25},
+        training={"evalSteps": 5, "earlyStopping": {"patience": 2, "threshold": 100.0}},
+        checkpointing={"saveSteps": 5},
+    )
+    assert harness.run(config) == ExitCode.SUCCESS, harness.tail(tmp_path)
+    summary = harness.summary(tmp_path)
+    assert summary["steps"] == 15, summary
+    assert summary["finalEvalLoss"] is not None
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_unsupported_combination_exits_with_the_configuration_error_code(
+    tmp_path: Path, tiny_llama_dir: Path, text_data: Path, method: str
+) -> None:
+    config = harness.write_trainer_config(
+        tmp_path, model_dir=tiny_llama_dir, data=text_data, method={"type": method}, zero_stage=3
+    )
+    assert harness.run(config) == ExitCode.CONFIG_ERROR
+    assert "does not run under ZeRO-3" in harness.tail(tmp_path)
+
+
+PROBE = Path(__file__).with_name("logits_probe.py")
+
+
+def test_saved_adapter_and_merged_model_reproduce_the_trained_logits_under_zero3(
+    tmp_path: Path, tiny_llama_dir: Path, text_data: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = harness.write_trainer_config(
+        tmp_path,
+        model_dir=tiny_llama_dir,
+        data=text_data,
+        method={"type": "lora", "lora": {"dropout": 0.0}},
+        zero_stage=3,
+        training={"maxSteps": 10, "learningRate": 3e-2},
+        output={"saveMerged": True},
+    )
+    log = tmp_path / "probe.log"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "finetune_trainer.launch", "--standalone", "--nproc_per_node", "2"]
+    with log.open("wb") as handle:
+        code = subprocess.call(
+            [*command, str(PROBE), str(config)], stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=240
+        )
+    assert code == 0, log.read_text()[-4000:]
+    probe = torch.load(tmp_path / "out" / "probe.pt")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    untrained = base(input_ids=probe["input_ids"]).logits
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=probe["input_ids"]).logits
+    assert not torch.allclose(untrained, probe["logits"], atol=1e-3)  # training changed the model
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4, rtol=1e-4
+        )
+
+
+def long_lora_run(workdir: Path, llama: Path, data: Path, save_steps: int) -> Path:
+    return harness.write_trainer_config(
+        workdir,
+        model_dir=llama,
+        data=data,
+        method={"type": "lora"},
+        zero_stage=2,
+        training={"maxSteps": 300, "learningRate": 3e-2, "loggingSteps": 1},
+        checkpointing={"saveSteps": save_steps, "saveTotalLimit": 3},
+    )
+
+
+def test_sigkill_then_restart_resumes_from_the_latest_complete_checkpoint(
+    tmp_path: Path, tiny_llama_dir: Path, text_data: Path
+) -> None:
+    config = long_lora_run(tmp_path, tiny_llama_dir, text_data, save_steps=10)
+    root = tmp_path / "out" / "checkpoints"
+    process = harness.start(config, tmp_path / "run-1.log")
+    try:
+        harness.wait_for(
+            lambda: (c := checkpoints.latest_complete(root)) is not None and c.step >= 20,
+            180,
+            "checkpoint-20",
+        )
+    finally:
+        harness.kill_gang(process)  # launcher and workers, as a node loss would
+    latest = checkpoints.latest_complete(root)
+    assert latest is not None and 20 <= latest.step < 300, "the run finished before it could be killed"
+    partial = root / f"checkpoint-{latest.step + 5}"  # a save cut short: no COMPLETE marker
+    (partial / "global_step").mkdir(parents=True)
+    assert harness.run(config) == 0, harness.tail(tmp_path)
+    summary = harness.summary(tmp_path)
+    assert summary["resumedFromStep"] == latest.step
+    assert (summary["steps"], summary["stepsThisAttempt"]) == (300, 300 - latest.step)
+    assert not partial.exists()
+    assert [c.step for c in checkpoints.list_checkpoints(root)] == [280, 290, 300]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_retryable(
+    tmp_path: Path, tiny_llama_dir: Path, text_data: Path
+) -> None:
+    config = long_lora_run(tmp_path, tiny_llama_dir, text_data, save_steps=100_000)  # only SIGTERM saves
+    process = harness.start(config, tmp_path / "run-1.log")
+    try:
+        harness.wait_for(
+            lambda: (p := harness.progress(tmp_path)) is not None and p["step"] >= 5, 180, "step 5"
+        )
+        process.send_signal(signal.SIGTERM)  # to the launcher only, as the kubelet signals PID 1
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            harness.kill_gang(process)
+    assert code == ExitCode.RETRYABLE, harness.tail(tmp_path)
+    saved = checkpoints.list_checkpoints(tmp_path / "out" / "checkpoints")
+    assert len(saved) == 1 and saved[0].complete and 5 <= saved[0].step < 300, saved
+    progress = harness.progress(tmp_path)
+    assert progress is not None and progress["lastCheckpointStep"] == saved[0].step
+    assert not (tmp_path / "out" / "training_summary.json").exists()  # it did not pretend to finish
+
+
+def test_ftctl_train_runs_a_finetunejob_locally(
+    tmp_path: Path, tiny_llama_dir: Path, text_data: Path
+) -> None:
+    from finetune_operator.cli import main
+
+    job = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "local-lora"},
+        "spec": {
+            "model": {"uri": f"file://{tiny_llama_dir}"},
+            "dataset": {"uri": str(text_data), "format": "text", "maxSeqLength": 32},
+            "method": {"type": "lora"},
+            "training": {
+                "maxSteps": 30,
+                "learningRate": 3e-2,
+                "lrScheduler": "constant",
+                "precision": "fp32",
+                "microBatchSize": 4,
+                "loggingSteps": 5,
+            },
+            "checkpointing": {"saveSteps": 10, "saveTotalLimit": 2},
+            "resources": {"gpuMemoryGiB": 80, "gpusPerNode": 1},
+            "distributed": {"zeroStage": 2},
+            "output": {"uri": "/nonexistent/replaced-by-output-dir"},
+        },
+    }
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    code = main(
+        ["train", "-f", str(job_file), "--nproc-per-node", "2", "--output-dir", str(tmp_path / "out")]
+    )
+    assert code == 0
+    rendered = load_config(tmp_path / "out" / CONFIG_FILE)
+    assert (rendered.zero_stage, rendered.world_size, rendered.paths.model) == (2, 2, str(tiny_llama_dir))
+    assert rendered.estimate_bytes is not None and rendered.estimate_bytes > 0
+    summary = assert_trained(tmp_path)
+    assert (summary["jobName"], summary["worldSize"], summary["zeroStage"]) == ("local-lora", 2, 2)
+    assert summary["estimatedPerGpuBytes"] == rendered.estimate_bytes
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"

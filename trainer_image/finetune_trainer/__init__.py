@@ -1,0 +1,1 @@
+"""The trainer that runs in every FineTuneJob worker pod under torchrun + DeepSpeed."""

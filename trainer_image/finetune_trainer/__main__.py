@@ -1,0 +1,62 @@
+"""`torchrun --nproc_per_node N -m finetune_trainer --config trainer.yaml`: parse → run the recipe → exit code.
+
+Every failure leaves through `exit_codes.exit_code_for`, so the operator reads retry-or-fail from the
+worker's status alone (see exit_codes.py for the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import traceback
+
+
+def select_accelerator() -> str:
+    """DeepSpeed picks its accelerator on first import: CPU when there is no GPU (gloo process group)."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return os.environ["DS_ACCELERATOR"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune_trainer", description=__doc__)
+    parser.add_argument(
+        "--config", required=True, help="trainer config (YAML or JSON) rendered by the operator"
+    )
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("finetune_trainer")
+    # `kill -USR1 <worker>` prints every thread's stack: the first thing to look at in a hung gang.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    from finetune_trainer.exit_codes import ExitCode, exit_code_for
+
+    try:
+        from finetune_trainer.config import load_config
+
+        config = load_config(args.config)
+        select_accelerator()
+        from finetune_trainer import recipe
+
+        return int(recipe.run(config))
+    except BaseException as exc:
+        if isinstance(exc, SystemExit | KeyboardInterrupt):
+            raise
+        code = exit_code_for(exc)
+        log.error("failed (%s, exit %d): %s", code.name, code, exc)
+        traceback.print_exc()
+        return int(code if code != ExitCode.SUCCESS else ExitCode.RETRYABLE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Full fine-tuning: every parameter trains."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PreTrainedModel
+
+from finetune_trainer.config import TrainerConfig
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
+
+class FullMethod:
+    def check(self, config: TrainerConfig) -> None:
+        """Full tuning runs under every ZeRO stage."""
+
+    def quantization(self, config: TrainerConfig) -> BitsAndBytesConfig | None:
+        return None
+
+    def apply(self, model: PreTrainedModel, config: TrainerConfig) -> torch.nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def is_peft(self) -> bool:
+        return False

@@ -1,0 +1,76 @@
+"""LoRA and its variants through PEFT: DoRA is LoRA with `use_dora`, QLoRA is LoRA on a 4-bit base.
+
+As in torchtune, QLoRA is not a separate builder: `LoraMethod(quantize=True)` adds a bitsandbytes NF4/FP4
+load of the frozen base and otherwise builds exactly the LoRA adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, PreTrainedModel
+
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.exit_codes import ConfigurationError
+from finetune_trainer.model import torch_dtype
+
+
+def task_type(config: TrainerConfig) -> TaskType:
+    """SEQ_CLS makes PEFT also train (and save) the new classification head; CAUSAL_LM for the rest."""
+    return TaskType.SEQ_CLS if config.is_classification else TaskType.CAUSAL_LM
+
+
+@dataclass(frozen=True)
+class LoraMethod:
+    dora: bool = False
+    quantize: bool = False
+
+    def check(self, config: TrainerConfig) -> None:
+        if self.quantize and self.dora:
+            raise ConfigurationError("QLoRA with DoRA is not offered: pick qlora or dora")
+
+    def quantization(self, config: TrainerConfig) -> BitsAndBytesConfig | None:
+        """NF4/FP4 with double quantisation; storage in the compute dtype lets ZeRO-3 partition the
+        packed weights like any other tensor of that dtype (HF's documented QLoRA + ZeRO-3 setting)."""
+        if not self.quantize:
+            return None
+        settings = config.method.qlora_settings()
+        compute = torch_dtype(settings.compute_dtype)
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True,
+            bnb_4bit_quant_type=settings.quant_type.value,
+            bnb_4bit_use_double_quant=settings.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,
+        )
+
+    def apply(self, model: PreTrainedModel, config: TrainerConfig) -> torch.nn.Module:
+        lora = config.method.lora_settings()
+        if self.quantize and config.zero_stage < 3:
+            # Casts norms to fp32 and freezes the base; under ZeRO-3 the weights are partitioned
+            # placeholders and DeepSpeed owns the casting, so it is skipped there.
+            model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+                model, use_gradient_checkpointing=config.training.gradient_checkpointing
+            )
+        targets: list[str] | str = lora.target_modules
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        peft_config = LoraConfig(
+            task_type=task_type(config),
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            bias=lora.bias,
+            use_dora=self.dora,
+        )
+        try:
+            peft_model: torch.nn.Module = get_peft_model(model, peft_config)
+        except ValueError as exc:  # PEFT's message names the target modules it could not find
+            raise ConfigurationError(f"method.lora: {exc}") from exc
+        return peft_model
+
+    def is_peft(self) -> bool:
+        return True

@@ -1,0 +1,482 @@
+"""The training recipe: setup → train → save → cleanup, in that order, one function each.
+
+Why HF Trainer and not a hand-written loop: it already drives DeepSpeed (ZeRO 0-3, offload, resuming the
+engine's sharded state), PEFT models, evaluation, early stopping and gradient checkpointing through
+accelerate, identically on CUDA/NCCL and on CPU/gloo (DeepSpeed's CPU accelerator, `DS_ACCELERATOR=cpu`,
+falls back to gloo when oneCCL is absent), so the CPU tests exercise the code path the GPU pods run.
+What it lacks is added as callbacks: atomic checkpoint markers and rotation, SIGTERM → checkpoint → exit,
+and progress reporting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
+
+from finetune_operator.api.enums import Method, Optimizer, Precision
+from finetune_trainer import checkpoints
+from finetune_trainer.config import SUMMARY_FILE, Phase, ProgressReport, TrainerConfig
+from finetune_trainer.data import DataBundle, build_datasets
+from finetune_trainer.deepspeed import render_deepspeed_config
+from finetune_trainer.exit_codes import ConfigurationError, ExitCode
+from finetune_trainer.methods import MethodBuilder, method_for
+from finetune_trainer.model import count_parameters, load_model, load_tokenizer, model_source, torch_dtype
+from finetune_trainer.progress import ThrottledReporter, TrainerMetrics, build_reporter, start_metrics
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = {
+    Optimizer.ADAMW: "adamw_torch",
+    Optimizer.ADAMW_8BIT: "adamw_bnb_8bit",
+    Optimizer.PAGED_ADAMW_8BIT: "paged_adamw_8bit",
+    Optimizer.SGD: "sgd",
+}
+#: Where a merged LoRA model goes (output.saveMerged), beside the adapter in the output directory.
+MERGED_SUBDIR = "merged"
+LORA_FAMILY = (Method.LORA, Method.QLORA, Method.DORA)
+
+
+# --- preemption -----------------------------------------------------------------------------------------
+
+
+class Preemption:
+    """SIGTERM (preemption, suspend, eviction) sets a flag; the callback acts on it at a step boundary.
+
+    The handler only sets the flag: saving inside a signal handler would run collectives in the middle
+    of a backward pass. Ranks may see the signal at different steps (pods are signalled one by one), so
+    the flag is all-reduced at each step end and every rank stops at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+
+# --- callbacks ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStats:
+    """What the progress callback has seen; feeds progress reports and the summary."""
+
+    start_time: float = field(default_factory=time.monotonic)
+    start_step: int = 0
+    start_tokens: int = 0
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    last_checkpoint: checkpoints.Checkpoint | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def peak_memory() -> tuple[int | None, int | None]:
+    """(max allocated, max reserved) GPU bytes on this rank; None on CPU, where there is no GPU to size."""
+    if not torch.cuda.is_available():
+        return None, None
+    return int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
+
+
+class ProgressCallback(TrainerCallback):
+    """Turns HF's logs into ProgressReports (rank 0) and Prometheus gauges (every rank)."""
+
+    def __init__(self, stats: RunStats, reporter: ThrottledReporter | None, metrics: TrainerMetrics) -> None:
+        self.stats, self.reporter, self.metrics = stats, reporter, metrics
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.stats.start_time = time.monotonic()
+        self.stats.start_step = state.global_step
+        self.stats.start_tokens = int(state.num_input_tokens_seen)
+        self.send(state, "training", force=True)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self.stats.loss = float(logs["loss"])
+            self.stats.losses.append((state.global_step, self.stats.loss))
+        if "eval_loss" in logs:
+            self.stats.eval_loss = float(logs["eval_loss"])
+            self.stats.eval_losses.append((state.global_step, self.stats.eval_loss))
+        if "learning_rate" in logs:
+            self.stats.learning_rate = float(logs["learning_rate"])
+        elapsed = time.monotonic() - self.stats.start_time
+        tokens = int(state.num_input_tokens_seen) - self.stats.start_tokens
+        if elapsed > 0 and tokens > 0:
+            self.stats.tokens_per_second = tokens / elapsed
+        self.send(state, "training")
+
+    def send(self, state: TrainerState, phase: Phase, force: bool = False) -> None:
+        report = self.build(state, phase)
+        self.metrics.update(report)
+        if self.reporter is not None:
+            self.reporter.report(report, force=force)
+
+    def build(self, state: TrainerState, phase: Phase) -> ProgressReport:
+        ckpt = self.stats.last_checkpoint
+        return ProgressReport(
+            state=phase,
+            step=state.global_step,
+            total_steps=state.max_steps,
+            epoch=float(state.epoch or 0.0),
+            loss=self.stats.loss,
+            eval_loss=self.stats.eval_loss,
+            learning_rate=self.stats.learning_rate,
+            tokens_per_second=self.stats.tokens_per_second,
+            peak_memory_bytes=peak_memory()[0],
+            elapsed_seconds=time.monotonic() - self.stats.start_time,
+            steps_this_attempt=state.global_step - self.stats.start_step,
+            last_checkpoint_step=ckpt.step if ckpt else None,
+            last_checkpoint_path=str(ckpt.path) if ckpt else None,
+        )
+
+
+class CheckpointCallback(TrainerCallback):
+    """Marks each checkpoint complete once every rank has written it, rotates, and handles SIGTERM."""
+
+    def __init__(self, root: str, keep: int, preemption: Preemption, progress: ProgressCallback) -> None:
+        self.root, self.keep, self.preemption, self.progress = root, keep, preemption, progress
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.preemption.agreed(args.device):
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's shards are on disk before the marker says so
+        path = Path(self.root) / f"{checkpoints.PREFIX}{state.global_step}"
+        if state.is_world_process_zero:
+            checkpoints.mark_complete(path, state.global_step)
+            checkpoints.prune(self.root, self.keep)
+            log.info("checkpoint %s complete", path)
+        self.progress.stats.last_checkpoint = checkpoints.Checkpoint(state.global_step, path, True)
+        self.progress.send(state, "training", force=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank races ahead into a save that pruning could touch
+
+
+# --- setup ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """Everything `setup` built; `train`, `save` and `cleanup` take it."""
+
+    config: TrainerConfig
+    method: MethodBuilder
+    args: TrainingArguments
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module
+    data: DataBundle
+    trainer: Trainer
+    stats: RunStats
+    preemption: Preemption
+    progress: ProgressCallback
+    trainable_params: int
+    total_params: int
+    quantized_layers: int
+    wall_start: float = field(default_factory=time.monotonic)
+
+
+def check_combination(config: TrainerConfig, method: MethodBuilder) -> None:
+    """Refuse, before loading anything, what cannot run; the messages land in the job's status."""
+    method.check(config)
+    if config.output.save_merged and config.method.type not in LORA_FAMILY:
+        raise ConfigurationError("output.saveMerged only applies to lora, qlora and dora")
+    if not torch.cuda.is_available() and config.training.precision == Precision.FP16:
+        raise ConfigurationError("training.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+
+
+def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArguments:
+    """HF TrainingArguments from the spec; creating them also registers the DeepSpeed config, which
+    ZeRO-3 needs before the model is loaded (weights are partitioned as they load)."""
+    t, ckpt = config.training, config.checkpointing
+    on_gpu = torch.cuda.is_available()
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if t.eval_steps else "epoch"
+    early = t.early_stopping
+    return TrainingArguments(
+        output_dir=config.paths.checkpoints,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=min(t.warmup_ratio, 0.999),  # a float below 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        bf16=t.precision == Precision.BF16,
+        fp16=t.precision == Precision.FP16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=OPTIMIZERS[t.optimizer],
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=ckpt.save_steps,
+        save_total_limit=None,  # rotation is CheckpointCallback's, after the completion marker
+        metric_for_best_model=early.metric if early else None,
+        greater_is_better=False if early else None,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        deepspeed=render_deepspeed_config(config, "cuda" if on_gpu else "cpu"),
+    )
+
+
+def setup(config: TrainerConfig, preemption: Preemption) -> Session:
+    method = method_for(config.method.type)
+    check_combination(config, method)
+    set_seed(config.training.seed)
+    tokenizer = load_tokenizer(config)
+    data = build_datasets(
+        config.dataset, tokenizer, seed=config.training.seed, local_path=config.paths.dataset
+    )
+    args = training_arguments(config, has_eval=data.eval is not None)
+    quantization = method.quantization(config)
+    device_map = None
+    if quantization is not None and config.zero_stage < 3:
+        device_map = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    base = load_model(config, tokenizer, quantization=quantization, device_map=device_map)
+    if data.label_names:
+        base.config.id2label = dict(enumerate(data.label_names))
+        base.config.label2id = {name: i for i, name in enumerate(data.label_names)}
+    model = method.apply(base, config)
+    trainable, total = count_parameters(model)
+    # bitsandbytes' own 4-bit layers; PEFT's LoRA wrapper around one is also named Linear4bit, not counted.
+    quantized = sum(
+        1
+        for m in model.modules()
+        if type(m).__module__.startswith("bitsandbytes") and "4bit" in type(m).__name__
+    )
+    if trainable == 0:
+        raise ConfigurationError(f"method {config.method.type.value} left no trainable parameters")
+    log.info(
+        "method %s: %d trainable of %d parameters (%.4f%%)",
+        config.method.type.value,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    if args.world_size != config.world_size:
+        log.warning("planned for %d workers, running on %d", config.world_size, args.world_size)
+    stats = RunStats()
+    rank = args.process_index
+    metrics = start_metrics(config.job_name, rank, config.progress.metrics_port)
+    reporter = build_reporter(config) if args.should_save else None
+    progress = ProgressCallback(stats, reporter, metrics)
+    callbacks: list[TrainerCallback] = [
+        progress,
+        CheckpointCallback(
+            config.paths.checkpoints, config.checkpointing.save_total_limit, preemption, progress
+        ),
+    ]
+    if config.training.early_stopping is not None:
+        early = config.training.early_stopping
+        callbacks.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=early.patience, early_stopping_threshold=early.threshold
+            )
+        )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return Session(
+        config,
+        method,
+        args,
+        tokenizer,
+        model,
+        data,
+        trainer,
+        stats,
+        preemption,
+        progress,
+        trainable,
+        total,
+        quantized,
+    )
+
+
+# --- train ----------------------------------------------------------------------------------------------
+
+
+def train(session: Session) -> bool:
+    """Train, resuming from the newest complete checkpoint; False when stopped by SIGTERM."""
+    root = session.config.paths.checkpoints
+    if session.args.should_save:
+        for path in checkpoints.remove_partial(root):
+            log.warning("removed partial checkpoint %s", path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    resume = checkpoints.latest_complete(root)
+    if resume is not None:
+        log.info("resuming from %s (step %d)", resume.path, resume.step)
+        session.stats.last_checkpoint = resume
+    session.trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    return not session.preemption.requested
+
+
+# --- save -----------------------------------------------------------------------------------------------
+
+
+def save(session: Session) -> dict[str, Any]:
+    """The adapter (or full model) and tokenizer into the output directory, an optional merged model,
+    and training_summary.json; returns the summary."""
+    config, trainer = session.config, session.trainer
+    output = Path(config.paths.output)
+    trainer.save_model(str(output))  # gathers ZeRO-3 partitions; PEFT models save only the adapter
+    if session.args.should_save:
+        session.tokenizer.save_pretrained(str(output))
+    if config.output.save_merged:
+        if session.args.should_save:
+            merge_adapter(config, output, session.tokenizer)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    summary = build_summary(session)
+    if session.args.should_save:
+        (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def merge_adapter(config: TrainerConfig, output: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Load the base unquantized (a 4-bit base cannot absorb the update exactly), apply the saved adapter,
+    merge, and save a plain model that needs no PEFT to load."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Training is over: without this, from_pretrained on rank 0 alone would enter ZeRO-3's collective
+    # partitioning (zero.Init) and wait forever for the other ranks.
+    unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
+    loader = AutoModelForSequenceClassification if config.is_classification else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(config.training.precision)}
+    if config.is_classification:
+        kwargs["num_labels"] = config.dataset.num_labels
+    base: PreTrainedModel = loader.from_pretrained(model_source(config), **kwargs)
+    merged = PeftModel.from_pretrained(base, str(output)).merge_and_unload()
+    merged.save_pretrained(str(output / MERGED_SUBDIR))
+    tokenizer.save_pretrained(str(output / MERGED_SUBDIR))
+
+
+def build_summary(session: Session) -> dict[str, Any]:
+    state = session.trainer.state
+    stats = session.stats
+    wall = time.monotonic() - session.wall_start
+    train_time = time.monotonic() - stats.start_time
+    steps = state.global_step - stats.start_step
+    allocated, reserved = peak_memory()
+    return {
+        "jobName": session.config.job_name,
+        "method": session.config.method.type.value,
+        "zeroStage": session.config.zero_stage,
+        "worldSize": session.args.world_size,
+        "steps": state.global_step,
+        "stepsThisAttempt": steps,
+        "resumedFromStep": stats.start_step or None,
+        "epochs": state.epoch,
+        "finalLoss": stats.losses[-1][1] if stats.losses else None,
+        "bestLoss": min(loss for _, loss in stats.losses) if stats.losses else None,
+        "finalEvalLoss": stats.eval_losses[-1][1] if stats.eval_losses else None,
+        "bestEvalLoss": min(loss for _, loss in stats.eval_losses) if stats.eval_losses else None,
+        "lossHistory": [[step, loss] for step, loss in stats.losses],
+        "tokens": int(state.num_input_tokens_seen),
+        "tokensPerSecond": stats.tokens_per_second,
+        "stepsPerSecond": steps / train_time if train_time > 0 else None,
+        "wallSeconds": wall,
+        "trainableParams": session.trainable_params,
+        "totalParams": session.total_params,
+        "quantizedLayers": session.quantized_layers,
+        "peakGpuMemoryAllocatedBytes": allocated,
+        "peakGpuMemoryReservedBytes": reserved,
+        "estimatedPerGpuBytes": session.config.estimate_bytes,
+    }
+
+
+# --- cleanup and the whole recipe -------------------------------------------------------------------------
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(config: TrainerConfig) -> ExitCode:
+    """setup → train → save → cleanup. Exceptions escape to the entry point, which maps them to codes."""
+    preemption = Preemption()
+    preemption.install()
+    session = setup(config, preemption)
+    completed = train(session)
+    if not completed:
+        log.warning(
+            "stopped by SIGTERM after saving step %d; exiting to be restarted",
+            session.trainer.state.global_step,
+        )
+        cleanup()
+        return ExitCode.RETRYABLE
+    save(session)
+    session.progress.send(session.trainer.state, "completed", force=True)
+    cleanup()
+    return ExitCode.SUCCESS
