@@ -161,7 +161,10 @@ def wait_bound(core: CoreV1Api, namespace: str) -> None:
     claim instead of the reason a test is looking for (a CI run once saw exactly that)."""
     deadline = time.monotonic() + TIMEOUT
     while True:
-        phases = {c.metadata.name: c.status.phase for c in core.list_namespaced_persistent_volume_claim(namespace).items}
+        phases = {
+            c.metadata.name: c.status.phase
+            for c in core.list_namespaced_persistent_volume_claim(namespace).items
+        }
         if all(phases.get(claim) == "Bound" for claim in CLAIMS):
             return
         if time.monotonic() > deadline:
@@ -248,6 +251,16 @@ def wait_job(
             raise AssertionError(
                 f"{name}: no {what} after {timeout}s\nstatus: {status}\nlog:\n{operator.tail()}"
             )
+        time.sleep(0.2)
+
+
+def eventually(check: Callable[[], bool], what: str, operator: Operator) -> None:
+    """Poll `check` for what the operator does just after it writes status (events are posted in the
+    background, metrics updated after the patch), so a test that saw the status can wait for them."""
+    deadline = time.monotonic() + TIMEOUT
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {TIMEOUT}s\nlog:\n{operator.tail()}")
         time.sleep(0.2)
 
 
@@ -339,13 +352,15 @@ def test_readme_example_is_planned_runs_and_succeeds(
     assert waited.returncode == 0, waited.stderr + operator.tail()
     status = get(api, ns, name)["status"]
     assert status["phase"] == "Succeeded" and status["completionTime"]
-    reasons = {
-        e.reason for e in core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
-    }
-    assert {"Pending", "CreatedWorkers", "Running", "Succeeded"} <= reasons
-    scraped = operator.metrics()
-    assert f'finetune_job_phase{{job="{name}",namespace="{ns}",phase="Succeeded"}} 1.0' in scraped
-    assert f'finetune_job_planned_gpus{{job="{name}",namespace="{ns}"}} 1.0' in scraped
+
+    def reasons() -> set[str]:
+        events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        return {e.reason for e in events}
+
+    eventually(lambda: {"Pending", "CreatedWorkers", "Running", "Succeeded"} <= reasons(), "events", operator)
+    succeeded = f'finetune_job_phase{{job="{name}",namespace="{ns}",phase="Succeeded"}} 1.0'
+    eventually(lambda: succeeded in operator.metrics(), "Succeeded in /metrics", operator)
+    assert f'finetune_job_planned_gpus{{job="{name}",namespace="{ns}"}} 1.0' in operator.metrics()
 
 
 def test_a_failed_worker_restarts_the_whole_gang_which_then_succeeds(
@@ -418,7 +433,10 @@ def test_not_enough_gpus_is_unschedulable_with_the_schedulers_message(
         # The scheduler's message can name another cause first (its caches lag); the operator
         # follows it as it changes, so wait for the GPU shortage rather than the first reason.
         scheduled = condition(status, "Scheduled")
-        return scheduled.get("reason") == "Unschedulable" and "Insufficient nvidia.com/gpu" in scheduled["message"]
+        return (
+            scheduled.get("reason") == "Unschedulable"
+            and "Insufficient nvidia.com/gpu" in scheduled["message"]
+        )
 
     status = wait_job(api, operator, name, short_of_gpus, "Unschedulable for lack of GPUs")
     assert status["phase"] == "Scheduling"
@@ -685,8 +703,8 @@ def test_rank0_progress_reaches_status_and_kubectl_get_under_the_charts_trainer_
     assert progress["eta"] == "1h13m"  # 880 steps left at 120 steps per 600 s
     row = cluster.kubectl("get", "ftj", name, "-n", ns, "--no-headers").stdout.split()
     assert row[1:8] == ["Running", "lora", "1", "1", "12%", "(120/1000)", "1.234"]
-    scraped = operator.metrics()
-    assert f'finetune_job_loss{{job="{name}",namespace="{ns}"}} 1.234' in scraped
+    loss = f'finetune_job_loss{{job="{name}",namespace="{ns}"}} 1.234'
+    eventually(lambda: loss in operator.metrics(), "the loss in /metrics", operator)
 
 
 def test_two_peered_replicas_under_the_charts_rbac_one_acts_and_the_other_takes_over(
