@@ -566,6 +566,11 @@ def test_a_model_that_does_not_fit_fails_with_memory_fits_and_no_pods(
         ),
         (lambda s: s["distributed"].update(zeroStage=7), "distributed.zeroStage must be 0, 1, 2, 3 or auto"),
         (
+            lambda s: s["dataset"].update(uri="s3://bucket/alpaca.jsonl"),
+            "uri: s3:// is not supported yet; copy the data to a PVC",
+        ),
+        (lambda s: s["output"].update(uri="hf://org/adapter"), "uri: hf:// is read-only"),
+        (
             lambda s: s["model"].update(
                 architecture={
                     "vocabSize": 8,
@@ -587,6 +592,8 @@ def test_a_model_that_does_not_fit_fails_with_memory_fits_and_no_pods(
         "cel-offload",
         "cel-early-stop",
         "cel-zero-stage",
+        "cel-s3",
+        "cel-output-hub",
         "cel-kv-heads",
     ],
 )

@@ -99,12 +99,17 @@ def test_render_for_a_local_run_keeps_paths_and_takes_the_process_count() -> Non
     assert (config.world_size, config.mounts, config.progress.reporter) == (2, {}, "file")
 
 
-def test_hub_model_has_no_local_path_and_s3_is_refused() -> None:
+def test_hub_model_has_no_local_path_and_an_unmounted_claim_is_refused() -> None:
     assert resolve_uri("hf://org/name", {}, "model.uri") is None
-    with pytest.raises(TrainerConfigError, match=r"dataset\.uri: s3:// is not supported"):
-        resolve_uri("s3://bucket/x", {}, "dataset.uri")
     with pytest.raises(TrainerConfigError, match="claim 'other' is not mounted"):
         resolve_uri("pvc://other/x", {"models": "/m"}, "model.uri")
+
+
+def test_an_output_on_the_hub_is_refused_even_after_validation() -> None:
+    job = example_job()
+    job.spec.output.uri = "hf://org/adapter"  # the API refuses this at apply; a later change must not slip by
+    with pytest.raises(TrainerConfigError, match=r"output\.uri: hf:// is read-only"):
+        render_trainer_config(job, FakePlan())
 
 
 def test_claims_of_lists_each_claim_once() -> None:

@@ -118,3 +118,28 @@ def test_offload_needs_adamw(document: dict[str, Any]) -> None:
     assert "needs training.optimizer adamw" in error_for(document)
     document["spec"]["training"]["optimizer"] = "adamw"
     assert parse_job(document).spec.distributed.offload is Offload.OPTIMIZER
+
+
+@pytest.mark.parametrize(
+    ("block", "uri", "expected"),
+    [
+        ("dataset", "s3://bucket/alpaca.jsonl", "spec.dataset: uri: s3:// is not supported yet"),
+        ("model", "s3://bucket/llama", "spec.model: uri: s3:// is not supported yet"),
+        ("output", "s3://bucket/out", "spec.output: uri: s3:// is not supported yet"),
+        ("checkpointing", "s3://bucket/ckpt", "spec.checkpointing: uri: s3:// is not supported yet"),
+        ("output", "hf://org/adapter", "spec.output: uri: hf:// is read-only"),
+        ("checkpointing", "hf://org/ckpt", "spec.checkpointing: uri: hf:// is read-only"),
+    ],
+)
+def test_uris_the_trainer_cannot_use_are_refused_with_the_field(
+    document: dict[str, Any], block: str, uri: str, expected: str
+) -> None:
+    document["spec"].setdefault(block, {})["uri"] = uri
+    assert expected in error_for(document)
+
+
+def test_the_hub_is_fine_to_read_from(document: dict[str, Any]) -> None:
+    document["spec"]["model"] = {"uri": "hf://meta-llama/Llama-2-7b-hf", "name": "meta-llama/Llama-2-7b-hf"}
+    document["spec"]["dataset"]["uri"] = "hf://tatsu-lab/alpaca"
+    spec = parse_job(document).spec
+    assert (spec.model.uri, spec.dataset.uri) == ("hf://meta-llama/Llama-2-7b-hf", "hf://tatsu-lab/alpaca")

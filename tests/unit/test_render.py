@@ -274,7 +274,6 @@ def test_scheduling_knobs_credentials_and_user_env_reach_every_worker() -> None:
             "InvalidSpec",
             "spread evenly",
         ),
-        ({"dataset": {"uri": "s3://bucket/data.jsonl"}}, "InvalidSpec", "s3://"),
     ],
 )
 def test_specs_that_cannot_run_are_spec_problems(

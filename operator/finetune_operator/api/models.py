@@ -32,15 +32,30 @@ SHORT_NAMES = ("ftj",)
 CATEGORIES = ("all", "finetune")
 
 URI_DESCRIPTION = (
-    "Where it lives: pvc://CLAIM/PATH (mounted into the workers), s3://BUCKET/PREFIX, hf://ORG/NAME, or a "
-    "local path / file:// URI (ftctl train only)."
+    "Where it lives: pvc://CLAIM/PATH (mounted into the workers), hf://ORG/NAME (read from the hub), or a "
+    "local path / file:// URI (ftctl train, or a path inside the trainer image). s3:// is refused until "
+    "the trainer can sync from object storage."
 )
+#: s3:// stays in the grammar so that such a URI gets NOT_S3's message rather than a bare pattern error.
 URI_PATTERN = (
     r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/\s]+(/\S*)?|hf://\S+|file://\S+|/\S*|\.{1,2}/\S*)$"
 )
 INT_OR_STRING: JsonDict = {"x-kubernetes-int-or-string": True}
 
 Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024, description=URI_DESCRIPTION)]
+
+#: The trainer has no object-storage sync step: refuse s3:// at apply time, not when the pods start.
+NOT_S3 = Rule(
+    cel="!has(self.uri) || !self.uri.startsWith('s3://')",
+    message="uri: s3:// is not supported yet; copy the data to a PVC and use pvc://CLAIM/PATH",
+    check=lambda s: not (s.uri or "").startswith("s3://"),
+)
+#: Outputs and checkpoints are written; the hub is read-only to the trainer.
+WRITABLE = Rule(
+    cel="!has(self.uri) || !self.uri.startsWith('hf://')",
+    message="uri: hf:// is read-only; write to pvc://CLAIM/PATH (push to the hub after the job)",
+    check=lambda s: not (s.uri or "").startswith("hf://"),
+)
 
 
 # --- model --------------------------------------------------------------------------------------------
@@ -110,6 +125,7 @@ class ModelSpec(ApiModel):
             message="set model.name (hub name) or model.uri (where the weights are)",
             check=lambda s: s.name is not None or s.uri is not None,
         ),
+        NOT_S3,
     )
 
 
@@ -141,6 +157,7 @@ class DatasetSpec(ApiModel):
             message="dataset.numLabels is required for the classification format",
             check=lambda s: s.format != "classification" or s.num_labels is not None,
         ),
+        NOT_S3,
     )
 
 
@@ -297,6 +314,8 @@ class CheckpointingSpec(ApiModel):
     save_total_limit: int = Field(default=3, ge=1, description="Keep the newest N checkpoints.")
     uri: Uri | None = None
 
+    rules: ClassVar[tuple[Rule, ...]] = (NOT_S3, WRITABLE)
+
 
 # --- placement ----------------------------------------------------------------------------------------
 
@@ -375,6 +394,8 @@ class OutputSpec(ApiModel):
     uri: Uri
     save_merged: bool = Field(default=False, description="Merge LoRA weights into the base model on save.")
 
+    rules: ClassVar[tuple[Rule, ...]] = (NOT_S3, WRITABLE)
+
 
 class RunPolicySpec(ApiModel):
     """Retries, deadlines, cleanup and queueing, as in Kubeflow's RunPolicy."""
@@ -408,7 +429,8 @@ class SecretsSpec(ApiModel):
     storage: str | None = Field(
         default=None,
         max_length=253,
-        description="Secret whose keys become environment variables (e.g. AWS_ACCESS_KEY_ID for s3://).",
+        description="Secret whose keys become environment variables in every worker (e.g. for a "
+        "custom data loader's credentials).",
     )
 
 

@@ -5,8 +5,8 @@ the same trainer locally. Both call `render_trainer_config`, so a local run is t
 
 URIs resolve to local paths here, once: `pvc://CLAIM/PATH` becomes `<mount of CLAIM>/PATH` (the pod
 builder mounts every claim `claims_of` lists at `pvc_mount_path`), `file://` and plain paths stay local
-(ftctl), `hf://` leaves the path empty so the trainer loads from the hub. `s3://` needs a sync step
-the trainer does not have yet and is refused.
+(ftctl), `hf://` leaves the path empty so the trainer loads from the hub. The API's rules already refused
+`s3://` (no sync step yet) and `hf://` outputs, so a validated job always resolves.
 """
 
 from __future__ import annotations
@@ -64,11 +64,16 @@ def resolve_uri(uri: str, mounts: dict[str, str], field: str) -> str | None:
         return uri.removeprefix("file://")
     if uri.startswith("hf://"):
         return None
-    if uri.startswith("s3://"):
-        raise TrainerConfigError(
-            f"{field}: s3:// is not supported by the trainer yet; copy the data to a PVC"
-        )
     return uri
+
+
+def _writable_path(uri: str, mounts: dict[str, str], field: str) -> str:
+    """A local path to write to. The API's WRITABLE rule refuses hf:// at apply time; this keeps the
+    type honest for a job changed after validation."""
+    path = resolve_uri(uri, mounts, field)
+    if path is None:
+        raise TrainerConfigError(f"{field}: hf:// is read-only; write to pvc://CLAIM/PATH")
+    return path
 
 
 def render_trainer_config(
@@ -87,16 +92,12 @@ def render_trainer_config(
     """
     spec = job.spec
     mounts = claims_of(job) if mounts is None else mounts
-    output = resolve_uri(spec.output.uri, mounts, "output.uri")
-    if output is None:
-        raise TrainerConfigError("output.uri: hf:// is not writable; use a pvc:// or local path")
+    output = _writable_path(spec.output.uri, mounts, "output.uri")
     checkpoints = (
-        resolve_uri(spec.checkpointing.uri, mounts, "checkpointing.uri")
+        _writable_path(spec.checkpointing.uri, mounts, "checkpointing.uri")
         if spec.checkpointing.uri
         else posixpath.join(output, CHECKPOINT_SUBDIR)
     )
-    if checkpoints is None:
-        raise TrainerConfigError("checkpointing.uri: hf:// is not writable; use a pvc:// or local path")
     model_path = resolve_uri(spec.model.uri, mounts, "model.uri") if spec.model.uri else None
     return TrainerConfig(
         job_name=job.metadata.name,
