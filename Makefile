@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(CURDIR)/.cache
 export PATH := $(CACHE)/bin:$(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup test lint bench crds tools cluster-up cluster-down
+.PHONY: help setup test lint bench bench-trainer crds tools cluster-up cluster-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,10 @@ crds: setup ## regenerate crds/ from the pydantic API models
 
 bench: setup ## run the benchmarks and write bench/results/
 	$(PY) bench/estimator.py --write bench/results/estimator.json --markdown bench/results/estimator-calibration.md
+
+GPU_NAME ?= gpu
+bench-trainer: setup ## on a GPU: each method's measured peak memory and tokens/s vs the estimate
+	$(PY) bench/trainer_methods.py --write bench/results/trainer-methods-$(GPU_NAME).json
 
 # --- operator -------------------------------------------------------------------------------------
 .PHONY: run-operator demo
