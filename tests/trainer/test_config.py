@@ -6,6 +6,8 @@ Pure code only: no torch, so these run in the unit tier in a second.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,6 +316,26 @@ class DataError(ValueError):
 )
 def test_exceptions_map_to_exit_codes(error: BaseException, code: ExitCode) -> None:
     assert exit_code_for(error) is code
+
+
+def test_the_worker_exits_with_its_code_after_flushing_and_skips_teardown(tmp_path: Path) -> None:
+    """exit_now keeps the run's code even where the interpreter's teardown would have changed it."""
+    script = (
+        "import atexit, logging, sys\n"
+        "from finetune_trainer.__main__ import exit_now\n"
+        "atexit.register(lambda: sys.stdout.write('teardown ran'))\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+        "logging.getLogger('t').info('logged before exit')\n"
+        "sys.stdout.write('printed before exit')\n"
+        "exit_now(78)\n"
+    )
+    log = tmp_path / "worker.log"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(log)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 78, done.stderr
+    assert done.stdout == "printed before exit"  # flushed, and no atexit handler (teardown) ran
+    assert "logged before exit" in log.read_text()
 
 
 def test_validation_errors_are_configuration_errors() -> None:

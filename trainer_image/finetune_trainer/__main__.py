@@ -58,5 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(code if code != ExitCode.SUCCESS else ExitCode.RETRYABLE)
 
 
+def exit_now(code: int) -> None:
+    """Leave with `code` without the interpreter's teardown.
+
+    By now the run's outputs, checkpoints and summary are on disk and the process group is destroyed.
+    What teardown still does is destroy native objects, and one CI run saw it abort a worker that had
+    finished (SIGABRT, "terminate called without an active exception" from a C++ thread), which torchrun
+    reports as exit 134: a failed worker and a gang restart for a job that succeeded, or a retry for a
+    config error. Skipping teardown keeps the code the run chose."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
