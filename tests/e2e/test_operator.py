@@ -113,6 +113,18 @@ class Operator:
             return str(response.read().decode())
 
 
+def eventually(check: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "") -> None:
+    """Poll `check` until it holds; on timeout fail with `what` and `detail()` (a log tail, the state seen).
+
+    Also for what the operator does just after it writes status (events are posted in the background,
+    metrics updated after the patch), so a test that saw the status can wait for them."""
+    deadline = time.monotonic() + TIMEOUT
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {TIMEOUT}s\n{detail()}")
+        time.sleep(0.2)
+
+
 #: The claims the README example reads and writes (pvc://datasets/…, pvc://models/…).
 CLAIMS = ("datasets", "models")
 
@@ -159,17 +171,12 @@ def bound_claims(core: CoreV1Api, namespace: str) -> list[str]:
 def wait_bound(core: CoreV1Api, namespace: str) -> None:
     """Wait for the PV controller to bind the claims: until then the scheduler reports an unbound
     claim instead of the reason a test is looking for (a CI run once saw exactly that)."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        phases = {
-            c.metadata.name: c.status.phase
-            for c in core.list_namespaced_persistent_volume_claim(namespace).items
-        }
-        if all(phases.get(claim) == "Bound" for claim in CLAIMS):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"claims not Bound after {TIMEOUT}s: {phases}")
-        time.sleep(0.1)
+
+    def phases() -> dict[str, str]:
+        claims = core.list_namespaced_persistent_volume_claim(namespace).items
+        return {c.metadata.name: c.status.phase for c in claims}
+
+    eventually(lambda: all(phases().get(c) == "Bound" for c in CLAIMS), "Bound claims", lambda: str(phases()))
 
 
 @pytest.fixture
@@ -251,16 +258,6 @@ def wait_job(
             raise AssertionError(
                 f"{name}: no {what} after {timeout}s\nstatus: {status}\nlog:\n{operator.tail()}"
             )
-        time.sleep(0.2)
-
-
-def eventually(check: Callable[[], bool], what: str, operator: Operator) -> None:
-    """Poll `check` for what the operator does just after it writes status (events are posted in the
-    background, metrics updated after the patch), so a test that saw the status can wait for them."""
-    deadline = time.monotonic() + TIMEOUT
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {TIMEOUT}s\nlog:\n{operator.tail()}")
         time.sleep(0.2)
 
 
@@ -357,9 +354,10 @@ def test_readme_example_is_planned_runs_and_succeeds(
         events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
         return {e.reason for e in events}
 
-    eventually(lambda: {"Pending", "CreatedWorkers", "Running", "Succeeded"} <= reasons(), "events", operator)
+    expected = {"Pending", "CreatedWorkers", "Running", "Succeeded"}
+    eventually(lambda: expected <= reasons(), "events", operator.tail)
     succeeded = f'finetune_job_phase{{job="{name}",namespace="{ns}",phase="Succeeded"}} 1.0'
-    eventually(lambda: succeeded in operator.metrics(), "Succeeded in /metrics", operator)
+    eventually(lambda: succeeded in operator.metrics(), "Succeeded in /metrics", operator.tail)
     assert f'finetune_job_planned_gpus{{job="{name}",namespace="{ns}"}} 1.0' in operator.metrics()
 
 
@@ -470,14 +468,14 @@ def test_deleting_the_job_garbage_collects_everything(
     assert get(api, ns, name)["metadata"].get("finalizers") in (None, [])
     api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
     wait_pods(core, ns, name, lambda pods: not pods, "pods garbage-collected")
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        left = core.list_namespaced_config_map(ns, label_selector=f"finetune.dev/job-name={name}").items
-        left += core.list_namespaced_service(ns, label_selector=f"finetune.dev/job-name={name}").items
-        if not left:
-            break
-        time.sleep(0.2)
-    assert not left, [o.metadata.name for o in left]
+
+    def left() -> list[str]:
+        selector = f"finetune.dev/job-name={name}"
+        objects = core.list_namespaced_config_map(ns, label_selector=selector).items
+        objects += core.list_namespaced_service(ns, label_selector=selector).items
+        return [o.metadata.name for o in objects]
+
+    eventually(lambda: not left(), "config map and service garbage-collected", lambda: str(left()))
 
 
 def test_ttl_after_finished_deletes_the_job(
@@ -662,15 +660,14 @@ def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, p
 def wait_for_peers(api: CustomObjectsApi, namespace: str, count: int) -> None:
     """Until `count` operators have registered in the namespace's KopfPeering (kopf writes one status
     entry per live peer)."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
+
+    def peers() -> dict[str, Any]:
         peering = api.get_namespaced_custom_object(
             "kopf.dev", "v1", namespace, "kopfpeerings", "finetune-operator"
         )
-        if len(peering.get("status") or {}) >= count:
-            return
-        assert time.monotonic() < deadline, f"peers in KopfPeering: {peering.get('status')}"
-        time.sleep(0.2)
+        return dict(peering.get("status") or {})
+
+    eventually(lambda: len(peers()) >= count, f"{count} peers in KopfPeering", lambda: str(peers()))
 
 
 def test_rank0_progress_reaches_status_and_kubectl_get_under_the_charts_trainer_rbac(
@@ -711,7 +708,7 @@ def test_rank0_progress_reaches_status_and_kubectl_get_under_the_charts_trainer_
     row = cluster.kubectl("get", "ftj", name, "-n", ns, "--no-headers").stdout.split()
     assert row[1:8] == ["Running", "lora", "1", "1", "12%", "(120/1000)", "1.234"]
     loss = f'finetune_job_loss{{job="{name}",namespace="{ns}"}} 1.234'
-    eventually(lambda: loss in operator.metrics(), "the loss in /metrics", operator)
+    eventually(lambda: loss in operator.metrics(), "the loss in /metrics", operator.tail)
 
 
 def test_two_peered_replicas_under_the_charts_rbac_one_acts_and_the_other_takes_over(
