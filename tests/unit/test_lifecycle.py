@@ -356,6 +356,21 @@ def test_progress_and_checkpoint_come_from_rank_0() -> None:
     assert actions.status.last_checkpoint is not None and actions.status.last_checkpoint.step == 40
 
 
+@pytest.mark.parametrize(("exit_code", "phase"), [(0, "Succeeded"), (78, "Failed")])
+def test_a_finished_job_keeps_its_last_progress_but_no_eta(exit_code: int, phase: str) -> None:
+    report = '{"step":40,"totalSteps":100,"loss":0.9,"elapsedSeconds":80,"stepsThisAttempt":40}'
+    running = run(running_status(), [pod_doc(0, progress=report), pod_doc(1)])
+    assert running.status.progress is not None and running.status.progress.eta == "2m00s"
+    pods = [
+        pod_doc(0, progress=report, phase="Succeeded" if exit_code == 0 else "Failed", exit_code=exit_code)
+    ]
+    pods.append(pod_doc(1, phase="Succeeded", exit_code=0))
+    finished = run(running.status, pods)
+    assert finished.status.phase == phase and finished.status.completion_time
+    assert finished.status.progress is not None
+    assert (finished.status.progress.display, finished.status.progress.eta) == ("40% (40/100)", None)
+
+
 def test_backoff_is_capped() -> None:
     assert [POLICY.backoff(n) for n in (1, 2, 3, 6, 20)] == [10, 20, 40, 300, 300]
 

@@ -136,12 +136,19 @@ class _Decision:
         self.status.phase = phase.value
         self.status.message = message
 
+    def finish(self) -> None:
+        """Stamp completionTime; a finished job has no time left, so the last report's ETA goes
+        (`kubectl get` would otherwise show it forever when rank 0 never sent a final report)."""
+        self.status.completion_time = self.status.completion_time or rfc3339(self.now)
+        if self.status.progress is not None:
+            self.status.progress.eta = None
+
     def fail(self, reason: str, message: str) -> None:
         self.condition(ConditionType.FAILED, True, reason, message)
         self.clear(ConditionType.SUCCEEDED, reason, message)
         self.clear(ConditionType.RUNNING, reason, message)
         self.clear(ConditionType.RESTARTING, reason, message)
-        self.status.completion_time = self.status.completion_time or rfc3339(self.now)
+        self.finish()
         if self.status.phase != Phase.FAILED.value:
             self.events.append(Event("Warning", reason, message))
         self.status.phase = Phase.FAILED.value
@@ -399,7 +406,7 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
     n = gang.expected
     if gang.all_succeeded:
         message = f"all {n} worker(s) succeeded"
-        d.status.completion_time = rfc3339(d.now)
+        d.finish()
         d.condition(ConditionType.SUCCEEDED, True, "Completed", message)
         d.clear(ConditionType.RUNNING, "Completed", message)
         d.clear(ConditionType.RESTARTING, "Completed", message)
