@@ -22,8 +22,9 @@ from pydantic import ValidationError
 from finetune_operator.adapters import events
 from finetune_operator.adapters.kube import JobApi
 from finetune_operator.api.models import FineTuneJobStatus
+from finetune_operator.core.desire import SpecProblem, desire, parse_job
+from finetune_operator.core.gang import JobRef
 from finetune_operator.core.lifecycle import Actions, reconcile, rejected
-from finetune_operator.core.render import JobRef, SpecProblem, desire, parse_job
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import refiner_for
 from finetune_operator.settings import Settings

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from finetune_operator.api.enums import Phase
 from finetune_operator.api.models import FineTuneJobStatus
-from finetune_operator.core.status import Phase
 
 JOB_LABELS = ("namespace", "job")
 
@@ -36,7 +36,7 @@ class OperatorMetrics:
     def observe(self, namespace: str, job: str, status: FineTuneJobStatus, restarted: bool = False) -> None:
         """Refresh one job's series from its newly written status."""
         key = (namespace, job)
-        phase = status.phase or Phase.PENDING.value
+        phase = status.phase or Phase.PENDING
         for candidate in Phase:
             self.job_phase.labels(namespace, job, candidate.value).set(1 if candidate.value == phase else 0)
         self._phases[key] = phase

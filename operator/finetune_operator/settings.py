@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from finetune_operator.core.gang import RenderOptions
 from finetune_operator.core.lifecycle import LifecyclePolicy
-from finetune_operator.core.render import RenderOptions
 
 ENV_PREFIX = "FINETUNE_"
 

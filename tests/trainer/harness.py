@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune_operator.api.trainer import PROGRESS_FILE, SUMMARY_FILE, TrainerConfig
 from finetune_operator.cli.train import launch_command
-from finetune_trainer.config import PROGRESS_FILE, SUMMARY_FILE, TrainerConfig, write_config
 
 #: One torchrun run of a tiny model takes ~10 s on 2 cores; this bounds a hung gang.
 RUN_TIMEOUT_S = 240
@@ -71,7 +71,9 @@ def write_trainer_config(
             "progress": {"reporter": "file", "intervalSeconds": 0, "metricsPort": 0},
         }
     )
-    return write_config(config, workdir / "trainer.yaml")
+    path = workdir / "trainer.yaml"
+    path.write_text(config.to_yaml())
+    return path
 
 
 def start(config_path: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -17,22 +17,18 @@ import yaml
 from pydantic import ValidationError
 
 from finetune_operator.api.enums import Method, Offload, Optimizer, Precision
+from finetune_operator.api.exit_codes import ExitCode, describe, is_retryable
 from finetune_operator.api.models import FineTuneJob, parse_job
+from finetune_operator.api.trainer import ProgressReport, ProgressSettings, TrainerConfig
 from finetune_operator.core.trainer_config import (
     TrainerConfigError,
     claims_of,
     render_trainer_config,
     resolve_uri,
 )
-from finetune_trainer.config import ProgressReport, ProgressSettings, TrainerConfig, load_config, write_config
+from finetune_trainer.config import load_config
 from finetune_trainer.deepspeed import render_deepspeed_config
-from finetune_trainer.exit_codes import (
-    ConfigurationError,
-    ExitCode,
-    describe,
-    exit_code_for,
-    is_retryable,
-)
+from finetune_trainer.exit_codes import ConfigurationError, exit_code_for
 
 EXAMPLE = Path("examples/llama2-7b-alpaca-lora.yaml")
 
@@ -124,7 +120,8 @@ def test_claims_of_lists_each_claim_once() -> None:
 
 def test_config_round_trips_through_yaml_and_json(tmp_path: Path) -> None:
     config = render_trainer_config(example_job(), FakePlan(zero_stage=3, offload=Offload.ALL))
-    path = write_config(config, tmp_path / "trainer.yaml")
+    path = tmp_path / "trainer.yaml"
+    path.write_text(config.to_yaml())
     assert load_config(path) == config
     json_path = tmp_path / "trainer.json"
     json_path.write_text(json.dumps(config.model_dump(mode="json", by_alias=True)))

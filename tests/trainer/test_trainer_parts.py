@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from finetune_operator.api.enums import NO_ZERO3_METHODS, OFFLOAD_OPTIMIZERS, Method, Offload, Optimizer
-from finetune_trainer import checkpoints
-from finetune_trainer.config import PROGRESS_ANNOTATION, ProgressReport, TrainerConfig
+from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, Method, Offload, Optimizer
+from finetune_operator.api.methods import NO_ZERO3_METHODS
+from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport, TrainerConfig
+from finetune_trainer import checkpoints, methods
 from finetune_trainer.deepspeed import render_deepspeed_config
 from finetune_trainer.exit_codes import ConfigurationError
-from finetune_trainer.methods import REGISTRY, method_for
+from finetune_trainer.methods import REGISTRY
 from finetune_trainer.model import count_parameters, load_model, load_tokenizer
 from finetune_trainer.progress import FileReporter, PodAnnotationReporter, ThrottledReporter, start_metrics
 
@@ -156,8 +157,7 @@ def config_for(model_dir: Path, method: dict[str, Any], zero_stage: int = 0) -> 
 
 
 def build(config: TrainerConfig) -> torch.nn.Module:
-    method = method_for(config.method.type)
-    method.check(config)
+    method = methods.check(config)
     tokenizer = load_tokenizer(config)
     quantization = method.quantization(config)
     device_map = {"": "cpu"} if quantization is not None else None
@@ -234,8 +234,8 @@ def test_launcher_exits_with_the_workers_code_not_torchruns_1(tmp_path: Path, co
     ["jobName: x\nzeroStage: 9\n", "{not yaml: [", "jobName: x\nmodel: {uri: /m}\nunknownField: 1\n"],
 )
 def test_a_bad_trainer_config_exits_with_the_configuration_error_code(tmp_path: Path, document: str) -> None:
+    from finetune_operator.api.exit_codes import ExitCode
     from finetune_trainer.__main__ import main
-    from finetune_trainer.exit_codes import ExitCode
 
     path = tmp_path / "trainer.yaml"
     path.write_text(document)
@@ -246,13 +246,13 @@ def test_a_bad_trainer_config_exits_with_the_configuration_error_code(tmp_path: 
 def test_the_trainer_refuses_zero3_for_exactly_the_methods_the_api_and_planner_keep_off_it(
     method: Method,
 ) -> None:
-    """One list (`NO_ZERO3_METHODS`) drives the CEL rule and the planner; the trainer's own checks agree."""
+    """One table (`api/methods.py`) drives the CEL rule and the planner; the trainer's own checks agree."""
     config = config_for(Path("/unused-model"), {"type": method.value}, zero_stage=3)
     if method in NO_ZERO3_METHODS:
         with pytest.raises(ConfigurationError, match="ZeRO-3"):
-            method_for(method).check(config)
+            methods.check(config)
     else:
-        method_for(method).check(config)
+        methods.check(config)
 
 
 @pytest.mark.parametrize("optimizer", list(Optimizer))

@@ -27,9 +27,10 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from finetune_operator.api.exit_codes import ExitCode
+from finetune_operator.api.trainer import CONFIG_FILE
 from finetune_trainer import checkpoints
-from finetune_trainer.config import CONFIG_FILE, load_config
-from finetune_trainer.exit_codes import ExitCode
+from finetune_trainer.config import load_config
 
 from . import harness
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from finetune_operator.api.models import FineTuneJob
 from finetune_operator.core import names
-from finetune_operator.core.render import JobRef, RenderOptions
+from finetune_operator.core.gang import JobRef, RenderOptions
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 UID = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"

@@ -106,10 +106,27 @@ def test_gpu_memory_alias_and_explicit_counts(document: dict[str, Any]) -> None:
 
 def test_prefix_and_prompt_refuse_zero3(document: dict[str, Any]) -> None:
     document["spec"]["method"] = {"type": "prefix"}
+    document["spec"]["training"]["gradientCheckpointing"] = False  # prefix cannot recompute either
     document["spec"]["distributed"] = {"zeroStage": 3}
     assert "prefix and prompt tuning do not run under distributed.zeroStage 3" in error_for(document)
     document["spec"]["distributed"] = {"zeroStage": "auto"}
     assert parse_job(document).spec.method.type is Method.PREFIX
+
+
+def test_prefix_refuses_gradient_checkpointing(document: dict[str, Any]) -> None:
+    """PEFT's prefix keys and values are dropped when the HF Trainer recomputes a layer: refused at apply."""
+    document["spec"]["method"] = {"type": "prefix"}
+    document["spec"]["training"]["gradientCheckpointing"] = True
+    assert "prefix tuning does not run with training.gradientCheckpointing" in error_for(document)
+    document["spec"]["method"] = {"type": "prompt"}
+    assert parse_job(document).spec.training.gradient_checkpointing
+
+
+def test_save_merged_is_refused_for_methods_without_an_adapter_to_merge(document: dict[str, Any]) -> None:
+    document["spec"]["output"]["saveMerged"] = True
+    assert parse_job(document).spec.output.save_merged
+    document["spec"]["method"] = {"type": "full"}
+    assert "output.saveMerged only applies to lora, qlora or dora" in error_for(document)
 
 
 def test_offload_needs_adamw(document: dict[str, Any]) -> None:

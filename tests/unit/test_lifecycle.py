@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from operator_fixtures import NOW, OPTIONS, job, pod_doc, ref
 
+from finetune_operator.api.enums import Phase
 from finetune_operator.api.models import Condition, FineTuneJobStatus, WorkersStatus
+from finetune_operator.core.desire import Desired, desire
 from finetune_operator.core.lifecycle import Actions, Event, LifecyclePolicy, reconcile
-from finetune_operator.core.render import Desired, desire
 from finetune_operator.core.status import rfc3339
 
 POLICY = LifecyclePolicy(restart_backoff_seconds=10, restart_backoff_max_seconds=300)
@@ -85,7 +86,7 @@ def test_a_new_job_is_planned_and_its_gang_created() -> None:
 
 
 def test_all_workers_running_is_running() -> None:
-    actions = run(running_status(phase="Scheduling"), [pod_doc(0), pod_doc(1)])
+    actions = run(running_status(phase=Phase.SCHEDULING), [pod_doc(0), pod_doc(1)])
     assert actions.status.phase == "Running"
     assert condition(actions, "Running") == ("True", "Running")
     assert condition(actions, "Scheduled") == ("True", "Scheduled")
@@ -95,13 +96,13 @@ def test_all_workers_running_is_running() -> None:
 
 def test_a_running_gang_seen_again_changes_nothing() -> None:
     """Re-adoption: an operator restarted mid-job finds its pods and neither creates nor writes."""
-    first = run(running_status(phase="Scheduling"), [pod_doc(0), pod_doc(1)])
+    first = run(running_status(phase=Phase.SCHEDULING), [pod_doc(0), pod_doc(1)])
     again = run(first.status, [pod_doc(0), pod_doc(1)], now_offset=30)
     assert again == Actions(status=first.status, status_changed=False)
 
 
 def test_only_missing_workers_are_created() -> None:
-    actions = run(running_status(phase="Scheduling"), [pod_doc(1, phase="Pending")])
+    actions = run(running_status(phase=Phase.SCHEDULING), [pod_doc(1, phase="Pending")])
     assert names_of(actions.create_pods) == ["tiny-worker-0"]
     assert reasons(actions) == []  # no CreatedWorkers event for a partial top-up
 
@@ -109,7 +110,8 @@ def test_only_missing_workers_are_created() -> None:
 def test_unschedulable_carries_the_schedulers_message() -> None:
     message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
     actions = run(
-        running_status(phase="Scheduling"), [pod_doc(0), pod_doc(1, phase="Pending", unschedulable=message)]
+        running_status(phase=Phase.SCHEDULING),
+        [pod_doc(0), pod_doc(1, phase="Pending", unschedulable=message)],
     )
     assert actions.status.phase == "Scheduling"
     scheduled = next(c for c in actions.status.conditions if c.type == "Scheduled")
@@ -127,7 +129,7 @@ def test_unschedulable_carries_the_schedulers_message() -> None:
 
 def test_kueue_gated_workers_are_queued() -> None:
     actions = run(
-        running_status(phase="Scheduling"),
+        running_status(phase=Phase.SCHEDULING),
         [pod_doc(0, phase="Pending", gated=True), pod_doc(1, phase="Pending", gated=True)],
     )
     assert condition(actions, "Scheduled") == ("False", "Queued")
@@ -136,7 +138,7 @@ def test_kueue_gated_workers_are_queued() -> None:
 
 def test_image_pull_backoff_is_a_running_condition() -> None:
     actions = run(
-        running_status(phase="Scheduling"),
+        running_status(phase=Phase.SCHEDULING),
         [pod_doc(0, phase="Pending", waiting="ImagePullBackOff"), pod_doc(1)],
     )
     assert condition(actions, "Running") == ("False", "ImagePullBackOff")
@@ -275,7 +277,7 @@ def test_active_deadline() -> None:
     ("ttl", "delete_job", "requeue"), [(60, True, None), (600, False, 500.0), (None, False, None)]
 )
 def test_ttl_after_finished(ttl: int | None, delete_job: bool, requeue: float | None) -> None:
-    status = running_status(phase="Succeeded", completion_time=EARLIER)
+    status = running_status(phase=Phase.SUCCEEDED, completion_time=EARLIER)
     actions = run(
         status, [pod_doc(0, phase="Succeeded", exit_code=0)], runPolicy={"ttlSecondsAfterFinished": ttl}
     )
@@ -284,7 +286,7 @@ def test_ttl_after_finished(ttl: int | None, delete_job: bool, requeue: float | 
 
 
 def test_finished_jobs_remove_workers_still_running() -> None:
-    status = running_status(phase="Failed", completion_time=EARLIER)
+    status = running_status(phase=Phase.FAILED, completion_time=EARLIER)
     actions = run(status, [pod_doc(0), pod_doc(1, phase="Failed", exit_code=78)])
     assert actions.delete_pods == ("tiny-worker-0",) and actions.create_pods == ()
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from finetune_operator.api.enums import Method, Offload
+from finetune_operator.api.methods import METHODS
 from finetune_operator.api.models import FineTuneJobSpec, parse_job
 from finetune_operator.core.estimate import estimate
 from finetune_operator.core.plan import GIB, PlanningError, layout, plan, setup_for
@@ -188,7 +189,10 @@ def test_layout_spreads_evenly(gpus: int, per_node: int, expected: tuple[int, in
 
 def test_every_method_plans() -> None:
     for method in Method:
-        result = plan(spec(method={"type": method.value}))
+        checkpointing = METHODS[method].gradient_checkpointing
+        result = plan(
+            spec(**{"method": {"type": method.value}, "training.gradientCheckpointing": checkpointing})
+        )
         assert result.fits, (method, result.message)
 
 
@@ -213,10 +217,12 @@ def test_explicit_count_that_misses_suggests_variants_on_that_count() -> None:
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_virtual_token_methods_never_plan_zero3(method: str) -> None:
     """The trainer refuses them under ZeRO-3, so a frozen 13B base that needs sharding does not fit."""
-    small = plan(spec(**{"method": {"type": method}}))
+    checkpointing = {"training.gradientCheckpointing": METHODS[Method(method)].gradient_checkpointing}
+    small = plan(spec(**{"method": {"type": method}}, **checkpointing))
     assert small.fits and small.zero_stage == 0
     job = spec(
-        **{"model.name": "meta-llama/Llama-2-13b-hf", "method": {"type": method}, "resources.gpuType": "L4"}
+        **{"model.name": "meta-llama/Llama-2-13b-hf", "method": {"type": method}, "resources.gpuType": "L4"},
+        **checkpointing,
     )
     result = plan(job)
     assert not result.fits and result.zero_stage <= 2
@@ -231,6 +237,27 @@ def test_virtual_token_methods_never_plan_zero3(method: str) -> None:
         )
     )
     assert full.fits and full.zero_stage == 3  # the same model shards fine for LoRA
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_gradient_checkpointing_is_suggested_only_where_the_method_table_allows_it(method: Method) -> None:
+    """Activations are what does not fit here (a 7B base, 8 × 4096 tokens on one L4), so recomputing would
+    help every method; prefix tuning cannot recompute (the trainer crashes), so it is never suggested."""
+    job = spec(
+        **{
+            "method": {"type": method.value},
+            "resources.gpuType": "L40S",
+            "resources.gpusPerNode": 1,
+            "resources.gpus": 1,
+            "training.gradientCheckpointing": False,
+            "training.microBatchSize": 8,
+            "dataset.maxSeqLength": 4096,
+        }
+    )
+    result = plan(job)
+    assert not result.fits and result.suggestions
+    suggested = any("gradient checkpointing" in s for s in result.suggestions)
+    assert suggested is METHODS[method].gradient_checkpointing, result.suggestions
 
 
 def test_offload_is_only_planned_for_adamw() -> None:

@@ -10,22 +10,13 @@ import pytest
 import yaml
 from operator_fixtures import OPTIONS, UID, job, ref
 
+from finetune_operator.api.trainer import CONFIG_FILE, TrainerConfig
 from finetune_operator.core import names
+from finetune_operator.core.desire import Desired, SpecProblem, desire, parse_job
+from finetune_operator.core.gang import build_gang, placement_affinity
 from finetune_operator.core.plan import plan
-from finetune_operator.core.render import (
-    Desired,
-    SpecProblem,
-    build_gang,
-    desire,
-    parse_job,
-    placement_affinity,
-    render_configmap,
-    render_pod,
-    render_service,
-    template_hash,
-)
+from finetune_operator.core.render import render_configmap, render_pod, render_service, template_hash
 from finetune_operator.core.torch_env import Rendezvous, torch_env
-from finetune_trainer.config import CONFIG_FILE, TrainerConfig
 
 OWNER = {
     "apiVersion": "finetune.dev/v1alpha1",
@@ -80,15 +71,15 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                     "name": "trainer",
                     "image": "trainer:test",
                     "imagePullPolicy": "IfNotPresent",
-                    "command": ["python", "-m", "finetune_trainer.launch"],
+                    "command": ["finetune-launch"],
                     "args": [
                         "--nnodes=$(NNODES)",
                         "--nproc_per_node=$(NPROC_PER_NODE)",
                         "--node_rank=$(NODE_RANK)",
                         "--master_addr=$(MASTER_ADDR)",
                         "--master_port=$(MASTER_PORT)",
-                        "-m",
-                        "finetune_trainer",
+                        "--no-python",
+                        "finetune-train",
                         "--config",
                         f"/etc/finetune/{CONFIG_FILE}",
                     ],
@@ -189,7 +180,8 @@ def test_configmap_holds_a_trainer_config_the_trainer_parses_with_the_plan_and_m
     configmap = desired().configmap
     assert configmap["metadata"]["name"] == "tiny-config"
     assert configmap["metadata"]["ownerReferences"] == [OWNER]
-    assert set(configmap["data"]) == {CONFIG_FILE, names.DEEPSPEED_FILE}
+    # One file: the trainer renders the DeepSpeed config from it (one copy, one owner).
+    assert set(configmap["data"]) == {CONFIG_FILE}
     trainer = TrainerConfig.model_validate(yaml.safe_load(configmap["data"][CONFIG_FILE]))
     assert trainer.world_size == 8
     assert trainer.mounts == {"datasets": "/mnt/pvc/datasets", "models": "/mnt/pvc/models"}

@@ -9,8 +9,9 @@ from operator_fixtures import OPTIONS, UID, job, ref
 
 from finetune_operator.api.models import FineTuneJob
 from finetune_operator.core import names
+from finetune_operator.core.desire import Desired, desire
+from finetune_operator.core.gang import Gang, build_gang
 from finetune_operator.core.plan import plan
-from finetune_operator.core.render import Desired, Gang, build_gang, desire
 from finetune_operator.scheduling import REGISTRY, plugin_for, refiner_for
 from finetune_operator.scheduling.kueue import pod_group_name
 

@@ -8,6 +8,7 @@ import pytest
 from operator_fixtures import NOW, UID, pod_doc
 
 from finetune_operator.api.models import Condition, ProgressStatus, WorkersStatus
+from finetune_operator.api.trainer import ProgressReport
 from finetune_operator.core.status import (
     ConditionType,
     Worker,
@@ -18,7 +19,6 @@ from finetune_operator.core.status import (
     read_worker,
     set_condition,
 )
-from finetune_trainer.config import ProgressReport
 
 COMMON = {
     "index": 0,

@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node N -m finetune_trainer --config trainer.yaml`: parse → run the recipe → exit code.
+"""`finetune-train --config trainer.yaml` (one worker, under `finetune-launch ... --no-python`): parse → run
+the recipe → exit code.
 
 Every failure leaves through `exit_codes.exit_code_for`, so the operator reads retry-or-fail from the
 worker's status alone (see exit_codes.py for the table).
@@ -25,7 +26,7 @@ def select_accelerator() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune_trainer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="finetune-train", description=__doc__)
     parser.add_argument(
         "--config", required=True, help="trainer config (YAML or JSON) rendered by the operator"
     )
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR1 <worker>` prints every thread's stack: the first thing to look at in a hung gang.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
-    from finetune_trainer.exit_codes import ExitCode, exit_code_for
+    from finetune_operator.api.exit_codes import ExitCode
+    from finetune_trainer.exit_codes import exit_code_for
 
     try:
         from finetune_trainer.config import load_config
@@ -72,5 +74,10 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `finetune-train` command."""
     exit_now(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from finetune_operator.api.enums import Offload, Optimizer, Precision
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.api.trainer import TrainerConfig
 from finetune_trainer.exit_codes import ConfigurationError
 
 Device = Literal["cuda", "cpu"]

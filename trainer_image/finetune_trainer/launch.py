@@ -1,4 +1,4 @@
-"""`python -m finetune_trainer.launch [torchrun options] -m finetune_trainer --config …`: torchrun that keeps exit codes.
+"""`finetune-launch [torchrun options] --no-python finetune-train --config …`: torchrun that keeps exit codes.
 
 torchrun itself exits 1 whatever its workers exited with, which would hide the difference between a
 configuration error (78, never retry) and a preemption (75, retry). This wrapper runs torchrun's own
@@ -10,9 +10,10 @@ grace period so workers have time to save before torchrun escalates to SIGKILL.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from finetune_trainer.exit_codes import ExitCode
+from finetune_operator.api.exit_codes import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # Workers run as `--no-python` commands, so torchrun cannot add `python -u`: unbuffered output keeps
+    # their log lines in order with the launcher's, and whole when a worker dies.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args = parse_args(argv if argv is not None else sys.argv[1:])  # type: ignore[no-untyped-call]
     try:
         run(args)  # type: ignore[no-untyped-call]

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from finetune_operator.api.enums import Precision
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.api.trainer import TrainerConfig
 from finetune_trainer.exit_codes import ConfigurationError
 
 if TYPE_CHECKING:

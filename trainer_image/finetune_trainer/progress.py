@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from finetune_trainer.config import PROGRESS_ANNOTATION, PROGRESS_FILE, ProgressReport, TrainerConfig
+from finetune_operator.api.trainer import PROGRESS_ANNOTATION, PROGRESS_FILE, ProgressReport, TrainerConfig
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,15 @@ from transformers import (
     set_seed,
 )
 
-from finetune_operator.api.enums import Method, Optimizer, Precision
-from finetune_trainer import checkpoints
-from finetune_trainer.config import SUMMARY_FILE, Phase, ProgressReport, TrainerConfig
+from finetune_operator.api.enums import Optimizer, Precision
+from finetune_operator.api.exit_codes import ExitCode
+from finetune_operator.api.methods import MERGE_RULE
+from finetune_operator.api.trainer import SUMMARY_FILE, ProgressReport, ProgressState, TrainerConfig
+from finetune_trainer import checkpoints, methods
 from finetune_trainer.data import DataBundle, build_datasets
 from finetune_trainer.deepspeed import render_deepspeed_config
-from finetune_trainer.exit_codes import ConfigurationError, ExitCode
-from finetune_trainer.methods import MethodBuilder, method_for
+from finetune_trainer.exit_codes import ConfigurationError
+from finetune_trainer.methods import MethodBuilder
 from finetune_trainer.model import count_parameters, load_model, load_tokenizer, model_source, torch_dtype
 from finetune_trainer.progress import ThrottledReporter, TrainerMetrics, build_reporter, start_metrics
 
@@ -53,7 +55,6 @@ OPTIMIZERS = {
 }
 #: Where a merged LoRA model goes (output.saveMerged), beside the adapter in the output directory.
 MERGED_SUBDIR = "merged"
-LORA_FAMILY = (Method.LORA, Method.QLORA, Method.DORA)
 
 
 # --- preemption -----------------------------------------------------------------------------------------
@@ -149,13 +150,13 @@ class ProgressCallback(TrainerCallback):
             self.stats.tokens_per_second = tokens / elapsed
         self.send(state, "training")
 
-    def send(self, state: TrainerState, phase: Phase, force: bool = False) -> None:
+    def send(self, state: TrainerState, phase: ProgressState, force: bool = False) -> None:
         report = self.build(state, phase)
         self.metrics.update(report)
         if self.reporter is not None:
             self.reporter.report(report, force=force)
 
-    def build(self, state: TrainerState, phase: Phase) -> ProgressReport:
+    def build(self, state: TrainerState, phase: ProgressState) -> ProgressReport:
         ckpt = self.stats.last_checkpoint
         return ProgressReport(
             state=phase,
@@ -226,13 +227,14 @@ class Session:
     wall_start: float = field(default_factory=time.monotonic)
 
 
-def check_combination(config: TrainerConfig, method: MethodBuilder) -> None:
+def check_combination(config: TrainerConfig) -> MethodBuilder:
     """Refuse, before loading anything, what cannot run; the messages land in the job's status."""
-    method.check(config)
-    if config.output.save_merged and config.method.type not in LORA_FAMILY:
-        raise ConfigurationError("output.saveMerged only applies to lora, qlora and dora")
+    method = methods.check(config)
+    if not MERGE_RULE.check(config):
+        raise ConfigurationError(MERGE_RULE.message)
     if not torch.cuda.is_available() and config.training.precision == Precision.FP16:
         raise ConfigurationError("training.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return method
 
 
 def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArguments:
@@ -281,8 +283,7 @@ def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArgumen
 
 
 def setup(config: TrainerConfig, preemption: Preemption) -> Session:
-    method = method_for(config.method.type)
-    check_combination(config, method)
+    method = check_combination(config)
     set_seed(config.training.seed)
     tokenizer = load_tokenizer(config)
     data = build_datasets(

@@ -17,6 +17,18 @@ class Method(StrEnum):
     PROMPT = "prompt"
 
 
+class Phase(StrEnum):
+    """A FineTuneJob's phase (`status.phase`), as `kubectl get` shows it."""
+
+    PENDING = "Pending"
+    SCHEDULING = "Scheduling"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
 class Precision(StrEnum):
     BF16 = "bf16"
     FP16 = "fp16"
@@ -49,9 +61,6 @@ class QuantType(StrEnum):
     FP4 = "fp4"
 
 
-#: Methods whose virtual-token parameters DeepSpeed cannot partition under ZeRO-3 (the ranks hang);
-#: their trainable state is kilobytes, so ZeRO-2 loses nothing.
-NO_ZERO3_METHODS = frozenset({Method.PREFIX, Method.PROMPT})
 #: Optimizers that can step offloaded states: DeepSpeed swaps AdamW for its CPU Adam; 8-bit and SGD have
 #: no CPU implementation.
 OFFLOAD_OPTIMIZERS = frozenset({Optimizer.ADAMW})

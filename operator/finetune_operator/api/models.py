@@ -14,15 +14,16 @@ from pydantic.config import JsonDict
 
 from finetune_operator.api.base import ApiModel, Rule
 from finetune_operator.api.enums import (
-    NO_ZERO3_METHODS,
     OFFLOAD_OPTIMIZERS,
     AttentionImpl,
     Method,
     Offload,
     Optimizer,
+    Phase,
     Precision,
     QuantType,
 )
+from finetune_operator.api.methods import SETTINGS_RULES, SPEC_RULES
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -180,7 +181,8 @@ class LoraSpec(ApiModel):
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
-            cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+            cel="!has(self.targetModules) || !('all-linear' in self.targetModules) || "
+            "size(self.targetModules) == 1",
             message="lora.targetModules: all-linear must be the only entry",
             check=lambda s: "all-linear" not in s.target_modules or len(s.target_modules) == 1,
         ),
@@ -222,33 +224,8 @@ class MethodSpec(ApiModel):
     prefix: VirtualTokensSpec | None = Field(default=None, description="Settings for prefix.")
     prompt: VirtualTokensSpec | None = Field(default=None, description="Settings for prompt.")
 
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            cel="!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
-            message="method.lora is only for type lora, qlora or dora",
-            check=lambda s: s.lora is None or s.type in (Method.LORA, Method.QLORA, Method.DORA),
-        ),
-        Rule(
-            cel="!has(self.qlora) || self.type == 'qlora'",
-            message="method.qlora is only for type qlora",
-            check=lambda s: s.qlora is None or s.type == Method.QLORA,
-        ),
-        Rule(
-            cel="!has(self.freeze) || self.type == 'freeze'",
-            message="method.freeze is only for type freeze",
-            check=lambda s: s.freeze is None or s.type == Method.FREEZE,
-        ),
-        Rule(
-            cel="!has(self.prefix) || self.type == 'prefix'",
-            message="method.prefix is only for type prefix",
-            check=lambda s: s.prefix is None or s.type == Method.PREFIX,
-        ),
-        Rule(
-            cel="!has(self.prompt) || self.type == 'prompt'",
-            message="method.prompt is only for type prompt",
-            check=lambda s: s.prompt is None or s.type == Method.PROMPT,
-        ),
-    )
+    #: Each method reads only its own blocks (the method table in `api/methods.py`).
+    rules: ClassVar[tuple[Rule, ...]] = SETTINGS_RULES
 
     def lora_settings(self) -> LoraSpec:
         """The adapter settings in force, PEFT's defaults where the block is left out."""
@@ -501,13 +478,7 @@ class FineTuneJobSpec(ApiModel):
                 )
             ),
         ),
-        Rule(
-            cel="!(self.method.type in ['prefix', 'prompt']) || !has(self.distributed) || "
-            "!has(self.distributed.zeroStage) || type(self.distributed.zeroStage) == string || "
-            "int(self.distributed.zeroStage) < 3",
-            message="prefix and prompt tuning do not run under distributed.zeroStage 3; use 0-2 or auto",
-            check=lambda s: s.method.type not in NO_ZERO3_METHODS or s.distributed.zero_stage != 3,
-        ),
+        *SPEC_RULES,
         Rule(
             cel="!has(self.distributed) || !has(self.distributed.offload) || "
             "self.distributed.offload in ['none', 'auto'] || !has(self.training) || "
@@ -595,9 +566,7 @@ class CheckpointStatus(ApiModel):
 class FineTuneJobStatus(ApiModel):
     """Observed state, written only by the operator."""
 
-    phase: (
-        Literal["Pending", "Scheduling", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None
-    ) = Field(
+    phase: Phase | None = Field(
         default=None, description="Pending, Scheduling, Running, Restarting, Suspended, Succeeded, Failed."
     )
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")

@@ -4,8 +4,9 @@
 
 It plans the job as the operator does, renders the trainer config with the same `render_trainer_config`,
 writes it to `<output>/trainer_config.yaml`, and runs
-`python -m finetune_trainer.launch --standalone --nproc_per_node N -m finetune_trainer --config …`
-(torchrun keeping the workers' exit codes; DeepSpeed on gloo when there is no GPU). Local paths and
+`finetune-launch --standalone --nproc_per_node N --no-python finetune-train --config …` (torchrun keeping
+the workers' exit codes; DeepSpeed on gloo when there is no GPU), the trainer image's own commands, which
+`pip install 'finetune-operator[trainer]'` installs beside ftctl. Local paths and
 file:// URIs are accepted for model, data set and output; pvc:// claims need `--mount CLAIM=PATH`.
 The exit status is the trainer's (0, 75 retryable, 78 configuration error, 79 out of memory).
 """
@@ -13,15 +14,22 @@ The exit status is the trainer's (0, 75 retryable, 78 configuration error, 79 ou
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from finetune_operator.api.models import FineTuneJob
+from finetune_operator.api.trainer import (
+    CONFIG_FILE,
+    LAUNCH_COMMAND,
+    TRAIN_COMMAND,
+    ProgressSettings,
+    TrainerConfig,
+)
 from finetune_operator.cli.common import CliError, load_job, local_architecture
 from finetune_operator.core.plan import plan
 from finetune_operator.core.trainer_config import render_trainer_config
-from finetune_trainer.config import CONFIG_FILE, ProgressSettings, TrainerConfig, write_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -96,16 +104,23 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     )
 
 
+def trainer_command(name: str) -> str:
+    """A trainer command installed beside this Python (a venv need not be on PATH), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise CliError(f"{name} not found: install the trainer with pip install 'finetune-operator[trainer]'")
+    return found
+
+
 def launch_command(config_path: Path, nproc: int) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "finetune_trainer.launch",
+        trainer_command(LAUNCH_COMMAND),
         "--standalone",  # a private rendezvous on a free port: two local runs never collide
         "--nproc_per_node",
         str(nproc),
-        "-m",
-        "finetune_trainer",
+        "--no-python",
+        trainer_command(TRAIN_COMMAND),
         "--config",
         str(config_path),
     ]
@@ -113,7 +128,9 @@ def launch_command(config_path: Path, nproc: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
-    config_path = write_config(config, Path(config.paths.output) / CONFIG_FILE)
+    config_path = Path(config.paths.output) / CONFIG_FILE
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(config.to_yaml())
     command = launch_command(config_path, args.nproc_per_node)
     print(
         f"ftctl train: {config.method.type.value}, ZeRO-{config.zero_stage}, {args.nproc_per_node} process(es); "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from finetune_operator.api.enums import AttentionImpl
 from finetune_operator.core.architecture import ModelArchitecture
-from finetune_operator.methods.base import MethodFootprint
+from finetune_operator.core.methods.base import MethodFootprint
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,8 @@ from types import MappingProxyType
 
 from finetune_operator.api.enums import Offload, Optimizer, Precision
 from finetune_operator.core.activations import ActivationEstimate, activation_bytes
-from finetune_operator.core.setup import TrainingSetup, validate
-from finetune_operator.methods import method_model
-from finetune_operator.methods.base import MethodFootprint
+from finetune_operator.core.methods import method_model
+from finetune_operator.core.methods.base import MethodFootprint, TrainingSetup
 
 __all__ = [
     "CUDA_CONTEXT_BYTES",
@@ -115,6 +114,28 @@ def _per_param(setup: TrainingSetup) -> _PerParam:
         states=states,
         step_temp=step_temp,
     )
+
+
+def validate(setup: TrainingSetup) -> None:
+    """Reject impossible combinations with a one-line reason; method-specific rules live with the method."""
+    checks: list[tuple[bool, str]] = [
+        (setup.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0..3, got {setup.zero_stage}"),
+        (setup.micro_batch_size >= 1, f"micro_batch_size must be at least 1, got {setup.micro_batch_size}"),
+        (setup.seq_len >= 1, f"seq_len must be at least 1, got {setup.seq_len}"),
+        (setup.world_size >= 1, f"world_size must be at least 1, got {setup.world_size}"),
+        (
+            setup.gradient_accumulation_steps >= 1,
+            f"gradient_accumulation_steps must be at least 1, got {setup.gradient_accumulation_steps}",
+        ),
+        (
+            setup.offload == Offload.NONE or setup.zero_stage >= 1,
+            f"offload {setup.offload.value!r} needs ZeRO stage 1 or more",
+        ),
+        (setup.offload != Offload.ALL or setup.zero_stage == 3, "offloading parameters needs ZeRO stage 3"),
+    ]
+    for ok, reason in checks:
+        if not ok:
+            raise ValueError(reason)
 
 
 def trainable_params(setup: TrainingSetup) -> int:

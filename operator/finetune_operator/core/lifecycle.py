@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from finetune_operator.api.enums import Phase
+from finetune_operator.api.exit_codes import PERMANENT_EXIT_CODES, describe
 from finetune_operator.api.models import CheckpointStatus, FineTuneJobSpec, FineTuneJobStatus, RunPolicySpec
-from finetune_operator.core.render import Desired, JobRef, SpecProblem
+from finetune_operator.core.desire import Desired, SpecProblem
+from finetune_operator.core.gang import JobRef
 from finetune_operator.core.status import (
     CONFIG_WAIT_REASONS,
     FINISHED,
     IMAGE_PULL_REASONS,
     ConditionType,
     GangObservation,
-    Phase,
     Worker,
     WorkerState,
     get_condition,
@@ -50,7 +52,6 @@ from finetune_operator.core.status import (
     rfc3339,
     set_condition,
 )
-from finetune_trainer.exit_codes import ExitCode, describe
 
 #: How soon to look again while waiting for the API server to finish something (pods terminating).
 SHORT_REQUEUE_SECONDS = 1.0
@@ -65,7 +66,7 @@ class LifecyclePolicy:
     #: The cap on that wait (seconds): a long-running job should not sleep for hours between tries.
     restart_backoff_max_seconds: float = 300.0
     #: Exit codes that fail the job at once: the same config fails the same way again.
-    permanent_exit_codes: frozenset[int] = frozenset({ExitCode.CONFIG_ERROR, ExitCode.OUT_OF_MEMORY})
+    permanent_exit_codes: frozenset[int] = PERMANENT_EXIT_CODES
 
     def backoff(self, restarts: int) -> float:
         """The wait before recreating the gang for restart number `restarts` (1-based)."""
@@ -133,7 +134,7 @@ class _Decision:
         """Move to `phase`; a transition posts an event whose reason is the new phase."""
         if self.status.phase != phase:
             self.events.append(Event(event, phase.value, message))
-        self.status.phase = phase.value
+        self.status.phase = phase
         self.status.message = message
 
     def finish(self) -> None:
@@ -149,9 +150,9 @@ class _Decision:
         self.clear(ConditionType.RUNNING, reason, message)
         self.clear(ConditionType.RESTARTING, reason, message)
         self.finish()
-        if self.status.phase != Phase.FAILED.value:
+        if self.status.phase != Phase.FAILED:
             self.events.append(Event("Warning", reason, message))
-        self.status.phase = Phase.FAILED.value
+        self.status.phase = Phase.FAILED
         self.status.message = message
 
     def remove(self, workers: Iterable[Worker]) -> None:
@@ -218,10 +219,10 @@ def reconcile(
         d.status.workers = gang.counts(missing_are_pending=False)
         _suspend(d, ours)
         return d.actions()
-    if d.status.phase == Phase.SUSPENDED.value:
+    if d.status.phase == Phase.SUSPENDED:
         d.condition(ConditionType.SUSPENDED, False, "Resumed", "runPolicy.suspend is false")
         d.events.append(Event("Normal", "Resumed", "recreating the workers"))
-        d.status.phase = Phase.PENDING.value
+        d.status.phase = Phase.PENDING
 
     if _deadline_passed(d, run_policy, ours):
         return d.actions()
@@ -237,7 +238,7 @@ def reconcile(
         _gang_failed(d, failure, current, run_policy, policy)
         return d.actions()
 
-    if d.status.phase == Phase.RESTARTING.value and _backing_off(d, policy):
+    if d.status.phase == Phase.RESTARTING and _backing_off(d, policy):
         return d.actions()
 
     if gang.missing:
@@ -332,7 +333,7 @@ def _replace_stale(
     """Delete pods of older attempts or specs and wait until they are gone (their names are reused)."""
     d.remove(stale)
     d.after(SHORT_REQUEUE_SECONDS)
-    if any(_outdated(w, desired, job.generation) for w in stale) and d.status.phase != Phase.RESTARTING.value:
+    if any(_outdated(w, desired, job.generation) for w in stale) and d.status.phase != Phase.RESTARTING:
         message = f"the spec changed (generation {job.generation}): replacing the workers"
         d.condition(ConditionType.RESTARTING, True, "SpecChanged", message)
         d.clear(ConditionType.RUNNING, "SpecChanged", message)

@@ -36,7 +36,6 @@ ANNOTATION_GENERATION = "finetune.dev/generation"
 # --- fixed paths in the worker ------------------------------------------------------------------------
 
 CONFIG_MOUNT_PATH = "/etc/finetune"
-DEEPSPEED_FILE = "deepspeed.json"
 SHM_PATH = "/dev/shm"
 CONTAINER_NAME = "trainer"
 

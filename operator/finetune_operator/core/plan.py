@@ -11,7 +11,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from finetune_operator.api.enums import NO_ZERO3_METHODS, OFFLOAD_OPTIMIZERS, Method, Offload
+from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, Method, Offload
+from finetune_operator.api.methods import METHODS, NO_ZERO3_METHODS, SETTINGS_BLOCKS
 from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
 from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
@@ -21,6 +22,8 @@ GIB = 1024**3
 #: The largest job the planner considers: beyond this a fine-tune is a pre-training run in disguise.
 DEFAULT_MAX_GPUS = 1024
 OFFLOAD_ORDER = (Offload.NONE, Offload.OPTIMIZER, Offload.ALL)
+#: How a suggestion names a method, where its value is not how people write it.
+METHOD_LABELS = {Method.QLORA: "QLoRA"}
 #: Stands in a suggestion's label for the ZeRO stage and offload the re-plan chose.
 ZERO_PLACEHOLDER = "{zero}"
 
@@ -273,10 +276,12 @@ def _planned(
 
 def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, FineTuneJobSpec]]:
     """Cheaper variants of a job that does not fit, each adding one step to the last, in the order a
-    practitioner would give things up: memory for recomputation, then batch, then speed, then the method."""
+    practitioner would give things up: memory for recomputation, then batch, then speed, then the method
+    (the method table says whether the method can recompute and what cheaper method it has)."""
     label: list[str] = []
     training, dist = spec.training, spec.distributed
-    if not training.gradient_checkpointing:
+    traits = METHODS[spec.method.type]
+    if not training.gradient_checkpointing and traits.gradient_checkpointing:
         training = training.model_copy(update={"gradient_checkpointing": True})
         spec = spec.model_copy(update={"training": training})
         label.append("gradient checkpointing")
@@ -292,9 +297,12 @@ def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, FineTuneJobSpec]
         )
         label.append(ZERO_PLACEHOLDER)
         yield " + ".join(label), spec
-    if spec.method.type in (Method.FULL, Method.FREEZE, Method.LORA, Method.DORA):
-        method = spec.method.model_copy(update={"type": Method.QLORA, "freeze": None, "qlora": None})
-        label.append("QLoRA")
+    if traits.cheaper is not None:
+        # Keep only the settings blocks the cheaper method reads (LoRA's adapters carry over to QLoRA).
+        kept = set(METHODS[traits.cheaper].settings)
+        blocks = {block: None for block in SETTINGS_BLOCKS if block not in kept}
+        method = spec.method.model_copy(update={"type": traits.cheaper, **blocks})
+        label.append(METHOD_LABELS.get(traits.cheaper, traits.cheaper.value))
         yield " + ".join(label), spec.model_copy(update={"method": method})
 
 

@@ -16,22 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from finetune_operator.api.enums import Phase
 from finetune_operator.api.models import Condition, ProgressStatus, WorkersStatus
+from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport
 from finetune_operator.core import names
-from finetune_trainer.config import PROGRESS_ANNOTATION, ProgressReport
-
-
-class Phase(StrEnum):
-    """The job's phase; the values are the CRD's enum."""
-
-    PENDING = "Pending"
-    SCHEDULING = "Scheduling"
-    RUNNING = "Running"
-    RESTARTING = "Restarting"
-    SUSPENDED = "Suspended"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-
 
 FINISHED = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 

@@ -44,16 +44,17 @@ def torch_env(rendezvous: Rendezvous, node_rank: int) -> list[dict[str, Any]]:
     return [{"name": key, "value": value} for key, value in values.items()]
 
 
-def torchrun_args(module: str, config_path: str) -> list[str]:
-    """torchrun's arguments, reading the rendezvous from the env above (kubelet `$(VAR)` expansion)."""
+def torchrun_args(command: str, config_path: str) -> list[str]:
+    """torchrun's arguments, reading the rendezvous from the env above (kubelet `$(VAR)` expansion);
+    each worker runs `command --config config_path` (`--no-python`: the command is an executable)."""
     return [
         f"--nnodes=$({names.ENV_NNODES})",
         f"--nproc_per_node=$({names.ENV_NPROC_PER_NODE})",
         f"--node_rank=$({names.ENV_NODE_RANK})",
         f"--master_addr=$({names.ENV_MASTER_ADDR})",
         f"--master_port=$({names.ENV_MASTER_PORT})",
-        "-m",
-        module,
+        "--no-python",
+        command,
         "--config",
         config_path,
     ]

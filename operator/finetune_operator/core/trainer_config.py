@@ -16,7 +16,7 @@ from typing import Protocol
 
 from finetune_operator.api.enums import Offload
 from finetune_operator.api.models import FineTuneJob
-from finetune_trainer.config import ProgressSettings, ResolvedPaths, TrainerConfig
+from finetune_operator.api.trainer import ProgressSettings, ResolvedPaths, TrainerConfig
 
 #: Where the pod builder mounts claim X: /mnt/pvc/X.
 PVC_MOUNT_ROOT = "/mnt/pvc"

@@ -1,4 +1,4 @@
-"""Gang-scheduling plug-ins: each refines the worker gang (`core.render.Gang`) for one scheduler.
+"""Gang-scheduling plug-ins: each refines the worker gang (`core.gang.Gang`) for one scheduler.
 
 One protocol, one explicit registry (no registration as an import side effect). A plug-in is pure: it
 adds labels, annotations or other fields to the IR and never reads the cluster. Which one applies is a
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from finetune_operator.api.models import FineTuneJob
-from finetune_operator.core.render import Gang, Refine
+from finetune_operator.core.gang import Gang, Refine
 from finetune_operator.scheduling.kueue import Kueue
 from finetune_operator.scheduling.none import DefaultScheduler
 
@@ -39,7 +39,7 @@ def plugin_for(job: FineTuneJob) -> SchedulingPlugin:
 
 
 def refiner_for(job: FineTuneJob) -> Refine:
-    """The refinement `core.render.desire` applies to this job's gang."""
+    """The refinement `core.desire.desire` applies to this job's gang."""
     plugin = plugin_for(job)
 
     def refine(gang: Gang) -> Gang:

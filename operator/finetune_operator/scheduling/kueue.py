@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from finetune_operator.api.models import FineTuneJob
 from finetune_operator.core import names
-from finetune_operator.core.render import Gang
+from finetune_operator.core.gang import Gang
 
 QUEUE_NAME = "kueue.x-k8s.io/queue-name"
 POD_GROUP_NAME = "kueue.x-k8s.io/pod-group-name"

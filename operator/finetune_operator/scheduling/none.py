@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from finetune_operator.api.models import FineTuneJob
-from finetune_operator.core.render import Gang
+from finetune_operator.core.gang import Gang
 
 
 class DefaultScheduler:

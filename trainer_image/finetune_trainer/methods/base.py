@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from transformers import PreTrainedModel
 
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.api.trainer import TrainerConfig
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +29,4 @@ class MethodBuilder(Protocol):
 
     def apply(self, model: PreTrainedModel, config: TrainerConfig) -> torch.nn.Module:
         """The model to train, with exactly the trainable parameters the method defines."""
-        ...
-
-    def is_peft(self) -> bool:
-        """Whether `apply` returns a PEFT model (saved as an adapter, reloadable with PeftModel)."""
         ...

@@ -7,12 +7,14 @@ table.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.api.methods import MethodTraits
+from finetune_operator.api.trainer import TrainerConfig
 from finetune_trainer.exit_codes import ConfigurationError
 
 if TYPE_CHECKING:
@@ -32,7 +34,10 @@ def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     )
 
 
+@dataclass(frozen=True)
 class FreezeMethod:
+    traits: MethodTraits
+
     def check(self, config: TrainerConfig) -> None:
         """Freezing works under every ZeRO stage: requires_grad is set before DeepSpeed wraps the model."""
 
@@ -56,6 +61,3 @@ class FreezeMethod:
             if isinstance(head, torch.nn.Module):
                 head.requires_grad_(True)
         return model
-
-    def is_peft(self) -> bool:
-        return False

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.api.methods import MethodTraits
+from finetune_operator.api.trainer import TrainerConfig
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
 
+@dataclass(frozen=True)
 class FullMethod:
+    traits: MethodTraits
+
     def check(self, config: TrainerConfig) -> None:
         """Full tuning runs under every ZeRO stage."""
 
@@ -23,6 +28,3 @@ class FullMethod:
     def apply(self, model: PreTrainedModel, config: TrainerConfig) -> torch.nn.Module:
         model.requires_grad_(True)
         return model
-
-    def is_peft(self) -> bool:
-        return False

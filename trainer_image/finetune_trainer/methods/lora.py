@@ -1,6 +1,6 @@
 """LoRA and its variants through PEFT: DoRA is LoRA with `use_dora`, QLoRA is LoRA on a 4-bit base.
 
-As in torchtune, QLoRA is not a separate builder: `LoraMethod(quantize=True)` adds a bitsandbytes NF4/FP4
+As in torchtune, QLoRA is not a separate builder: `LoraMethod` with the table's `quantized` adds a bitsandbytes NF4/FP4
 load of the frozen base and otherwise builds exactly the LoRA adapter.
 """
 
@@ -12,7 +12,8 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.api.methods import MethodTraits
+from finetune_operator.api.trainer import TrainerConfig
 from finetune_trainer.exit_codes import ConfigurationError
 from finetune_trainer.model import torch_dtype
 
@@ -24,17 +25,17 @@ def task_type(config: TrainerConfig) -> TaskType:
 
 @dataclass(frozen=True)
 class LoraMethod:
-    dora: bool = False
-    quantize: bool = False
+    """`traits.dora` and `traits.quantized` (from the method table) select DoRA and QLoRA."""
+
+    traits: MethodTraits
 
     def check(self, config: TrainerConfig) -> None:
-        if self.quantize and self.dora:
-            raise ConfigurationError("QLoRA with DoRA is not offered: pick qlora or dora")
+        return None
 
     def quantization(self, config: TrainerConfig) -> BitsAndBytesConfig | None:
         """NF4/FP4 with double quantisation; storage in the compute dtype lets ZeRO-3 partition the
         packed weights like any other tensor of that dtype (HF's documented QLoRA + ZeRO-3 setting)."""
-        if not self.quantize:
+        if not self.traits.quantized:
             return None
         settings = config.method.qlora_settings()
         compute = torch_dtype(settings.compute_dtype)
@@ -48,7 +49,7 @@ class LoraMethod:
 
     def apply(self, model: PreTrainedModel, config: TrainerConfig) -> torch.nn.Module:
         lora = config.method.lora_settings()
-        if self.quantize and config.zero_stage < 3:
+        if self.traits.quantized and config.zero_stage < 3:
             # Casts norms to fp32 and freezes the base; under ZeRO-3 the weights are partitioned
             # placeholders and DeepSpeed owns the casting, so it is skipped there.
             model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
@@ -64,13 +65,10 @@ class LoraMethod:
             lora_dropout=lora.dropout,
             target_modules=targets,
             bias=lora.bias,
-            use_dora=self.dora,
+            use_dora=self.traits.dora,
         )
         try:
             peft_model: torch.nn.Module = get_peft_model(model, peft_config)
         except ValueError as exc:  # PEFT's message names the target modules it could not find
             raise ConfigurationError(f"method.lora: {exc}") from exc
         return peft_model
-
-    def is_peft(self) -> bool:
-        return True

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 from transformers import PreTrainedModel
 
-from finetune_trainer.config import TrainerConfig
+from finetune_operator.api.methods import MethodTraits
+from finetune_operator.api.trainer import TrainerConfig
 from finetune_trainer.methods.lora import task_type
-from finetune_trainer.methods.prompt import refuse_zero3
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
 
+@dataclass(frozen=True)
 class PrefixMethod:
+    traits: MethodTraits
+
     def check(self, config: TrainerConfig) -> None:
-        refuse_zero3(config, "prefix")
+        return None
 
     def quantization(self, config: TrainerConfig) -> BitsAndBytesConfig | None:
         return None
@@ -29,6 +33,3 @@ class PrefixMethod:
         )
         peft_model: torch.nn.Module = get_peft_model(model, peft_config)
         return peft_model
-
-    def is_peft(self) -> bool:
-        return True

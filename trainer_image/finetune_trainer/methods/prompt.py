@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import PreTrainedModel
 
-from finetune_trainer.config import TrainerConfig
-from finetune_trainer.exit_codes import ConfigurationError
+from finetune_operator.api.methods import MethodTraits
+from finetune_operator.api.trainer import TrainerConfig
 from finetune_trainer.methods.lora import task_type
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
 
-def refuse_zero3(config: TrainerConfig, method: str) -> None:
-    """Virtual-token methods (prompt, prefix) are refused under ZeRO-3.
-
-    Observed with DeepSpeed 0.19.8 + PEFT 0.21.2 (tests/trainer): prompt tuning under ZeRO-3 hangs after
-    a few steps, one rank in the next forward's parameter-coordinator broadcast while the other is still
-    in the gradient reduce-scatter for the virtual-token embedding (the ranks' collectives diverge).
-    Prefix tuning keeps its trainable table the same way and is refused with it. Their trainable state
-    is kilobytes, so ZeRO-3 buys nothing: the planner should pick ZeRO ≤ 2 for them.
-    """
-    if config.zero_stage == 3:
-        raise ConfigurationError(
-            f"method {method} does not run under ZeRO-3 (DeepSpeed hangs partitioning the virtual-token "
-            f"table); use distributed.zeroStage 0, 1 or 2"
-        )
-
-
+@dataclass(frozen=True)
 class PromptMethod:
+    traits: MethodTraits
+
     def check(self, config: TrainerConfig) -> None:
-        refuse_zero3(config, "prompt")
+        return None
 
     def quantization(self, config: TrainerConfig) -> BitsAndBytesConfig | None:
         return None
@@ -47,6 +35,3 @@ class PromptMethod:
         )
         peft_model: torch.nn.Module = get_peft_model(model, peft_config)
         return peft_model
-
-    def is_peft(self) -> bool:
-        return True

@@ -1,7 +1,8 @@
-"""The contract every method family meets: from a setup, what trains and what the frozen part costs.
+"""The contract every method family meets: from a `TrainingSetup`, what trains and what the frozen part costs.
 
-The estimator stays method-agnostic: it turns a `MethodFootprint` into bytes. Adding a method means one
-module here and one registry line, never an edit to the estimator.
+The estimator stays method-agnostic: it turns a `MethodFootprint` into bytes. Adding a method means a
+row in the method table (`api/methods.py`), one module here and its line in the registry, never an edit
+to the estimator. The files and class names mirror the trainer image's `methods/` folder.
 """
 
 from __future__ import annotations
@@ -10,8 +11,44 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from finetune_operator.api.enums import Precision
-from finetune_operator.core.setup import TrainingSetup
+from finetune_operator.api.enums import AttentionImpl, Method, Offload, Optimizer, Precision, QuantType
+from finetune_operator.core.architecture import ModelArchitecture
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """One training configuration. Cross-field rules live in `validate`, in one place.
+
+    `master_weights` (16-bit precisions only): True keeps an fp32 master copy and fp32 optimizer states
+    for trainable parameters (DeepSpeed mixed precision; PEFT's fp32 adapters); False trains entirely in
+    16-bit, optimizer states included (torchtune, litgpt "bf16-true", a bf16-loaded model under the HF
+    Trainer). `gradient_accumulation_steps` > 1 keeps gradients alive through the next forward.
+    `zero_stage` 0 means no ZeRO partitioning (plain data parallel); `world_size` is the data-parallel size.
+    """
+
+    arch: ModelArchitecture
+    method: Method
+    precision: Precision = Precision.BF16
+    optimizer: Optimizer = Optimizer.ADAMW
+    micro_batch_size: int = 1
+    seq_len: int = 512
+    gradient_checkpointing: bool = False
+    attention: AttentionImpl = AttentionImpl.SDPA
+    zero_stage: int = 0
+    offload: Offload = Offload.NONE
+    world_size: int = 1
+    lora_r: int = 8
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    quant_type: QuantType = QuantType.NF4
+    double_quant: bool = True
+    trainable_layers: int = 2
+    num_virtual_tokens: int = 20
+    master_weights: bool = True
+    gradient_accumulation_steps: int = 1
+
+    @property
+    def sixteen_bit(self) -> bool:
+        return self.precision in (Precision.BF16, Precision.FP16)
 
 
 @dataclass(frozen=True)

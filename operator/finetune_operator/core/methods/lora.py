@@ -5,10 +5,11 @@ Variants are options of one model, as in PEFT, not separate code paths.
 
 from __future__ import annotations
 
-from finetune_operator.api.enums import Method
+from dataclasses import dataclass
+
+from finetune_operator.api.methods import MethodTraits
 from finetune_operator.core.architecture import ModelArchitecture
-from finetune_operator.core.setup import TrainingSetup
-from finetune_operator.methods.base import MethodFootprint, weight_bytes_per_param
+from finetune_operator.core.methods.base import MethodFootprint, TrainingSetup, weight_bytes_per_param
 
 #: HF module names (Llama, Mistral, Qwen2, Gemma 2; Phi-3's fused ones; BERT's) → canonical modules.
 #: BERT's `dense` names three layers (attention output, intermediate, output), as PEFT matches it.
@@ -52,13 +53,13 @@ def adapted_modules(arch: ModelArchitecture, targets: tuple[str, ...]) -> tuple[
     return tuple(chosen)
 
 
-class LoraFamily:
+@dataclass(frozen=True)
+class LoraMethod:
     """Trainable: A (r×in) and B (out×r) per adapted module per block, plus DoRA's magnitude (out).
-    Frozen: the whole base model, in 16-bit, or for QLoRA every block linear in 4-bit while embeddings,
-    LM head and norms stay in the compute dtype."""
+    Frozen: the whole base model, in 16-bit, or for QLoRA (`traits.quantized`) every block linear in
+    4-bit while embeddings, LM head and norms stay in the compute dtype."""
 
-    def __init__(self, method: Method) -> None:
-        self.method = method
+    traits: MethodTraits
 
     def validate(self, setup: TrainingSetup) -> None:
         if setup.lora_r < 1:
@@ -73,12 +74,12 @@ class LoraFamily:
         modules = adapted_modules(arch, setup.lora_target_modules)
         r = setup.lora_r
         per_block = sum(r * (shapes[m][0] + shapes[m][1]) for m in modules)
-        if self.method == Method.DORA:
+        if self.traits.dora:
             per_block += sum(shapes[m][1] for m in modules)
         trainable = per_block * arch.num_layers
         wbytes = weight_bytes_per_param(setup.precision)
         base = arch.total_params()
-        if self.method == Method.QLORA:
+        if self.traits.quantized:
             linear = sum(i * o for i, o in shapes.values()) * arch.num_layers
             bits = BITS_PER_QUANT_WEIGHT_DOUBLE if setup.double_quant else BITS_PER_QUANT_WEIGHT
             frozen = int(linear * bits / 8) + (base - linear) * wbytes
@@ -90,7 +91,7 @@ class LoraFamily:
             trainable_params=trainable,
             frozen_weight_bytes=frozen,
             adapters=dict.fromkeys(modules, r),
-            dora=self.method == Method.DORA,
+            dora=self.traits.dora,
             dequant_elems=dequant,
             trainable_largest_layer=max(r * (shapes[m][0] + shapes[m][1]) for m in modules),
         )

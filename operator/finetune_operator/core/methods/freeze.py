@@ -1,33 +1,20 @@
-"""Full fine-tuning, and freeze tuning (only the last N blocks train), which is full tuning of a suffix."""
+"""Freeze tuning: only the last N blocks train, which is full tuning of a suffix."""
 
 from __future__ import annotations
 
-from finetune_operator.core.setup import TrainingSetup
-from finetune_operator.methods.base import MethodFootprint, weight_bytes_per_param
+from dataclasses import dataclass
+
+from finetune_operator.api.methods import MethodTraits
+from finetune_operator.core.methods.base import MethodFootprint, TrainingSetup, weight_bytes_per_param
 
 
-class FullTuning:
-    """Every parameter trains: nothing is frozen and every block keeps activations."""
-
-    def validate(self, setup: TrainingSetup) -> None:
-        return None
-
-    def footprint(self, setup: TrainingSetup) -> MethodFootprint:
-        arch = setup.arch
-        return MethodFootprint(
-            trainable_params=arch.total_params(),
-            frozen_weight_bytes=0,
-            trained_modules=frozenset(arch.linear_shapes()),
-            norms_trained=True,
-            head_trained=True,
-            trainable_largest_layer=arch.largest_layer_params(),
-        )
-
-
-class FreezeTuning:
+@dataclass(frozen=True)
+class FreezeMethod:
     """The last `trainable_layers` blocks (and the final norm) train; the LM head and embeddings stay frozen,
     as LLaMA-Factory's freeze tuning does. Activations are kept only from the first trainable block on,
     because nothing below it needs a gradient."""
+
+    traits: MethodTraits
 
     def validate(self, setup: TrainingSetup) -> None:
         if not 1 <= setup.trainable_layers <= setup.arch.num_layers:

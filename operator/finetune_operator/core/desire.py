@@ -1,0 +1,89 @@
+"""The pure pipeline for one job: parse → plan → build the gang → refine → render, or why it cannot run.
+
+`desire` answers either the desired objects or the `SpecProblem` that keeps the job from running (the
+planner's MemoryFits verdict, an unknown GPU, a user env entry that collides with the rendezvous env).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetune_operator.api.base import describe_validation_error
+from finetune_operator.api.models import FineTuneJob, PlanStatus
+from finetune_operator.core.gang import Gang, JobRef, Refine, RenderOptions, build_gang
+from finetune_operator.core.plan import PlanningError, plan
+from finetune_operator.core.render import render_configmap, render_pod, render_service, template_hash
+from finetune_operator.core.torch_env import reserved_collisions
+from finetune_operator.core.trainer_config import TrainerConfigError
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Everything one job should have, for the current attempt."""
+
+    plan: PlanStatus
+    configmap: dict[str, Any]
+    service: dict[str, Any]
+    pods: tuple[dict[str, Any], ...]  # by node rank
+    template_hash: str
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """Why a job cannot run as written; `reason` is the Failed condition's reason."""
+
+    reason: str  # InvalidSpec | MemoryFits
+    message: str
+    plan: PlanStatus | None = None
+
+
+def _identity(gang: Gang) -> Gang:
+    return gang
+
+
+def parse_job(body: Mapping[str, Any]) -> FineTuneJob | SpecProblem:
+    """The job as the API models see it, or InvalidSpec (schema and CEL should have caught it earlier)."""
+    document = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in body}
+    try:
+        return FineTuneJob.model_validate(json.loads(json.dumps(document, default=str)))
+    except ValidationError as exc:
+        return SpecProblem(
+            "InvalidSpec", describe_validation_error(exc, "spec").replace("spec.spec.", "spec.")
+        )
+
+
+def desire(
+    job: FineTuneJob, ref: JobRef, options: RenderOptions, attempt: int, refine: Refine = _identity
+) -> Desired | SpecProblem:
+    """Plan, check and render one job for `attempt`; a SpecProblem says why it cannot run."""
+    collisions = reserved_collisions(item.name for item in job.spec.env)
+    if collisions:
+        return SpecProblem(
+            "InvalidSpec",
+            f"spec.env: {', '.join(collisions)} are set by the operator and cannot be overridden",
+        )
+    try:
+        planned = plan(job.spec)
+    except PlanningError as exc:
+        return SpecProblem("InvalidSpec", str(exc))
+    status = planned.to_status()
+    if not planned.fits:
+        return SpecProblem("MemoryFits", planned.message, status)
+    try:
+        gang = build_gang(job, ref, planned, options, attempt)
+    except (TrainerConfigError, ValueError) as exc:
+        return SpecProblem("InvalidSpec", str(exc), status)
+    gang = replace(gang, template_hash=template_hash(gang))
+    gang = refine(gang)
+    return Desired(
+        plan=status,
+        configmap=render_configmap(gang),
+        service=render_service(gang),
+        pods=tuple(render_pod(gang, index) for index in range(gang.nodes)),
+        template_hash=gang.template_hash,
+    )
