@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(CURDIR)/.cache
 export PATH := $(CACHE)/bin:$(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup test lint bench bench-trainer crds tools cluster-up cluster-down
+.PHONY: help setup test unit lint bench bench-trainer crds tools cluster-up cluster-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -23,7 +23,10 @@ $(VENV)/.installed: pyproject.toml
 test: setup tools ## run the whole test suite (unit, contract, e2e on the local control plane, trainer on CPU)
 	$(PY) -m pytest
 
-lint: setup ## ruff, mypy and the import-layer contract
+unit: setup ## the pure tests in seconds: API, estimator, planner, rendering, lifecycle (no Go tools, no cluster)
+	$(PY) -m pytest tests/unit tests/contract
+
+lint: setup ## ruff, mypy and the import-layer contracts (layers, operator never imports the trainer)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
