@@ -44,14 +44,15 @@ bench-trainer: setup ## on a GPU: each method's measured peak memory and tokens/
 
 # --- operator -------------------------------------------------------------------------------------
 .PHONY: run-operator demo
-OPERATOR_ARGS ?= --standalone
+# The admission webhook on 127.0.0.1:9443, registered with the local API server (self-signed).
+OPERATOR_ARGS ?= --standalone --webhook-port 9443
 
 run-operator: setup ## run the operator against $(CLUSTER_KUBECONFIG) (make cluster-up first); OPERATOR_ARGS=...
 	$(PY) -m finetune_operator --kubeconfig $(CLUSTER_KUBECONFIG) $(OPERATOR_ARGS)
 
 demo: cluster-up ## the README example end to end on the local cluster: plan, run, finish, Succeeded
 	@set -m; KUBECONFIG=$(CLUSTER_KUBECONFIG); export KUBECONFIG; \
-	FINETUNE_TIMING_RESYNC_SECONDS=1 $(PY) -m finetune_operator --standalone --metrics-port 0 --health-port 0 \
+	FINETUNE_TIMING_RESYNC_SECONDS=1 $(PY) -m finetune_operator --standalone --metrics-port 0 --health-port 0 --webhook-port 9443 \
 	  > $(CACHE)/demo-operator.log 2>&1 & op=$$!; trap 'kill $$op' EXIT; \
 	kubectl create namespace demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \
 	kubectl -n demo create serviceaccount finetune-trainer --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \

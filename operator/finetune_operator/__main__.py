@@ -51,6 +51,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--health-port", type=int, help="liveness /healthz port (0 disables; default 8081)")
     parser.add_argument("--trainer-image", help="trainer image for jobs that name none")
+    parser.add_argument(
+        "--webhook-port",
+        type=int,
+        help="serve the validating admission webhook on this port and register it (0 disables; default 0)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -72,8 +77,13 @@ def build_settings(args: argparse.Namespace) -> settings_module.Settings:
     trainer = base.trainer
     if args.trainer_image:
         trainer = dataclasses.replace(trainer, image=args.trainer_image)
+    webhook = base.webhook
+    if args.webhook_port is not None:
+        webhook = dataclasses.replace(webhook, port=args.webhook_port)
     namespaces = tuple(args.namespaces) if args.namespaces else base.namespaces
-    return dataclasses.replace(base, peering=peering, metrics=metrics, trainer=trainer, namespaces=namespaces)
+    return dataclasses.replace(
+        base, peering=peering, metrics=metrics, trainer=trainer, webhook=webhook, namespaces=namespaces
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

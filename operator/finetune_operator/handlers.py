@@ -14,14 +14,17 @@ from typing import Any
 import kopf
 from kopf._core.intents.handlers import DaemonHandler
 
+from finetune_operator.adapters.webhook import build_server
 from finetune_operator.api.models import GROUP, KIND, PLURAL, VERSION
 from finetune_operator.controller import Controller
 from finetune_operator.core import names
+from finetune_operator.core.admission import review
 from finetune_operator.settings import Settings
 
 
 def register(registry: kopf.OperatorRegistry, controller: Controller, operator_settings: Settings) -> None:
     """Declare the operator's handlers in `registry`."""
+    webhook = operator_settings.webhook
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -31,6 +34,9 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.peering.lifetime = operator_settings.peering.lifetime_seconds
+        if webhook.port:
+            settings.admission.server = build_server(webhook)
+            settings.admission.managed = webhook.configuration or None
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -57,6 +63,22 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
         # Our own status writes come back as events too; only spec changes need an early look.
         if namespace is not None and meta.get("generation") != status.get("observedGeneration"):
             controller.wake(namespace, name)
+
+    if webhook.port:
+
+        @kopf.on.validate(
+            GROUP,
+            VERSION,
+            PLURAL,
+            id="plan",
+            operations=["CREATE", "UPDATE"],
+            ignore_failures=webhook.failure_policy == "Ignore",
+            registry=registry,
+        )
+        def admit(body: kopf.Body, **kwargs: Any) -> None:
+            message = review(body, kwargs.get("old"))  # `old` is passed on updates only
+            if message is not None:
+                raise kopf.AdmissionError(message, code=422)
 
     _daemons_without_finalizer(registry)
 

@@ -55,10 +55,15 @@ class TrainerSettings:
     image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     #: Service account for workers when the job names none: rank 0 patches its own pod with progress,
-    #: so it needs pods/patch (the chart creates it). Empty means the namespace's `default`.
+    #: so it needs pods/patch. Empty means the namespace's `default`.
     service_account: str = "finetune-trainer"
-    #: UID/GID the workers run as (non-root for the restricted Pod Security profile).
-    run_as_user: int = 1000
+    #: ClusterRole (pods get/patch; the chart makes it) the operator binds to `service_account` in a
+    #: job's namespace, creating the account where missing, so jobs run in any namespace. Empty: the
+    #: accounts must exist already.
+    cluster_role: str = ""
+    #: UID/GID the workers run as: the trainer image's own user (Dockerfile.trainer), whose home holds
+    #: the Hugging Face cache and DeepSpeed's compiled ops; non-root for the restricted profile.
+    run_as_user: int = 10001
     #: Seconds a worker gets after SIGTERM to write a checkpoint before it is killed.
     termination_grace_seconds: int = 120
 
@@ -88,6 +93,33 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """The validating admission webhook: `kubectl apply` of a job that cannot run is refused with the
+    planner's message. Without it (port 0) such a job is accepted and then fails as MemoryFits."""
+
+    #: Port the webhook listens on; 0 turns it off. The chart sets 9443.
+    port: int = 0
+    #: Address it listens on: loopback for the local cluster, all interfaces in a pod.
+    address: str = "127.0.0.1"
+    #: Host name or IP in the webhook's URL and certificate (default: `address`).
+    host: str = ""
+    #: Directory with tls.crt and tls.key (a Secret the chart or cert-manager makes); empty: the
+    #: operator makes a self-signed certificate at start.
+    cert_dir: str = ""
+    #: The ValidatingWebhookConfiguration the operator keeps pointing at itself by URL (the local
+    #: cluster); empty when the chart renders it (a Service in front of the replicas).
+    configuration: str = "finetune-operator.finetune.dev"
+    #: What the API server does when the webhook cannot be reached: Ignore admits the job (the
+    #: operator fails it as MemoryFits when it runs); Fail refuses every FineTuneJob change until the
+    #: operator is back.
+    failure_policy: str = "Ignore"
+
+    def __post_init__(self) -> None:
+        if self.failure_policy not in ("Ignore", "Fail"):
+            raise ValueError(f"webhook failure_policy must be Ignore or Fail, got {self.failure_policy!r}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """All operator settings."""
 
@@ -98,12 +130,14 @@ class Settings:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     peering: PeeringSettings = field(default_factory=PeeringSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
 
     def render_options(self) -> RenderOptions:
         return RenderOptions(
             image=self.trainer.image,
             image_pull_policy=self.trainer.image_pull_policy,
             service_account=self.trainer.service_account or None,
+            trainer_cluster_role=self.trainer.cluster_role or None,
             run_as_user=self.trainer.run_as_user,
             termination_grace_seconds=self.trainer.termination_grace_seconds,
         )

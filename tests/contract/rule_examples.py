@@ -110,6 +110,17 @@ EXAMPLES: dict[tuple[str, str], RuleExample] = {
     ("spec.checkpointing", READ_ONLY_HUB): RuleExample(
         reject=_at("checkpointing", uri="hf://org/ckpt"), accept=_at("checkpointing", uri="/ckpt")
     ),
+    (
+        "spec.tolerations[]",
+        "tolerations: a toleration without a key matches every taint and needs operator Exists",
+    ): RuleExample(
+        reject=_spec(tolerations=[{"effect": "NoSchedule"}]),
+        accept=_spec(tolerations=[{"operator": "Exists", "effect": "NoSchedule"}]),
+    ),
+    ("spec.tolerations[]", "tolerations: operator Exists takes no value"): RuleExample(
+        reject=_spec(tolerations=[{"key": "gpu", "operator": "Exists", "value": "a100"}]),
+        accept=_spec(tolerations=[{"key": "gpu", "operator": "Equal", "value": "a100"}]),
+    ),
     ("spec.resources", "set resources.gpuType or resources.gpuMemoryGiB"): RuleExample(
         reject=_spec(resources={"gpusPerNode": 8}), accept=_spec(resources={"gpuMemoryGiB": 40})
     ),

@@ -102,3 +102,16 @@ def test_every_example_plans_and_renders_a_trainer_config() -> None:
         assert result.fits, (name, result.message)
         config = render_trainer_config(job, result)
         assert config.world_size == result.gpus and config.zero_stage == result.zero_stage
+
+
+def test_workers_run_as_the_trainer_images_own_user() -> None:
+    """The image keeps its Hugging Face cache and DeepSpeed's compiled ops in its user's home; a worker
+    running as another UID cannot write there (every offload job compiles CPU Adam on first use)."""
+    import re
+
+    from finetune_operator.settings import Settings
+
+    dockerfile = (ROOT / "Dockerfile.trainer").read_text()
+    image_uid = int(re.search(r"useradd --uid (\d+)", dockerfile).group(1))  # type: ignore[union-attr]
+    assert f"USER {image_uid}:{image_uid}" in dockerfile
+    assert Settings().render_options().run_as_user == image_uid

@@ -8,6 +8,7 @@ takes about a second. KWOK makes scheduled pods Running; `finish_pod` ends them 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -21,13 +22,15 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes.client import CoreV1Api, CustomObjectsApi, V1ObjectMeta, V1ServiceAccount
+from kubernetes.client import CoreV1Api, CustomObjectsApi, V1Namespace, V1ObjectMeta, V1ServiceAccount
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 from pydantic import ValidationError
 
 from finetune_operator.api.models import parse_job
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport
+from finetune_operator.cli import main as ftctl
+from finetune_operator.core.plan import plan
 from finetune_trainer.progress import PodAnnotationReporter
 
 from .conftest import BIN, REPO, Cluster
@@ -361,6 +364,68 @@ def test_readme_example_is_planned_runs_and_succeeds(
     assert f'finetune_job_planned_gpus{{job="{name}",namespace="{ns}"}} 1.0' in operator.metrics()
 
 
+def contained(rendered: Any, served: Any, path: str = "") -> list[str]:
+    """Where `rendered` differs from `served`, ignoring what the API server adds (defaults, uid, status)."""
+    if isinstance(rendered, dict):
+        if not isinstance(served, dict):
+            return [f"{path}: {served!r} is not a mapping"]
+        return [
+            d for key, value in rendered.items() for d in contained(value, served.get(key), f"{path}.{key}")
+        ]
+    if isinstance(rendered, list):
+        # The server appends to some lists (the service-account token volume and mount, default
+        # tolerations): every rendered item must be there, in order, with additions between allowed.
+        if not isinstance(served, list):
+            return [f"{path}: {served!r} is not a list"]
+        remaining = iter(served)
+        missing = [item for item in rendered if not any(contained(item, other) == [] for other in remaining)]
+        return [d for item in missing for d in _missing(item, served, path)]
+    return [] if rendered == served else [f"{path}: served {served!r}, rendered {rendered!r}"]
+
+
+def _missing(item: Any, served: list[Any], path: str) -> list[str]:
+    """Why a rendered list item is not in the served list: its differences from the served item of the
+    same name (containers, volumes, env), else the item itself."""
+    name = item.get("name") if isinstance(item, dict) else None
+    twin = next(
+        (o for o in served if name is not None and isinstance(o, dict) and o.get("name") == name), None
+    )
+    if twin is None:
+        return [f"{path}: {item!r} is missing"]
+    return contained(item, twin, f"{path}[{name}]") or [f"{path}[{name}]: out of order"]
+
+
+def test_ftctl_render_prints_what_the_operator_creates(
+    cluster: Cluster,
+    api: CustomObjectsApi,
+    core: CoreV1Api,
+    operator: Operator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ns, name = operator.namespace, "rendered"
+    create(api, ns, two_nodes(name))
+    wait_pods(core, ns, name, all_running(2), "2 running workers")
+    served_job = get(api, ns, name)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(served_job))
+    for key, value in OPERATOR_ENV.items():  # the operator's settings, as the operator has them
+        monkeypatch.setenv(key, value)
+    assert ftctl(["render", "-f", str(job_file)]) == 0
+    rendered = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [o["kind"] for o in rendered] == ["ConfigMap", "Service", "Pod", "Pod"]
+    for obj in rendered:
+        kind, obj_name = obj["kind"], obj["metadata"]["name"]
+        read = {
+            "ConfigMap": core.read_namespaced_config_map,
+            "Service": core.read_namespaced_service,
+            "Pod": core.read_namespaced_pod,
+        }[kind]
+        served = cluster.api_client.sanitize_for_serialization(read(obj_name, ns))
+        assert contained(obj, served) == [], f"{kind}/{obj_name}"
+
+
 def test_a_failed_worker_restarts_the_whole_gang_which_then_succeeds(
     api: CustomObjectsApi, core: CoreV1Api, operator: Operator
 ) -> None:
@@ -529,10 +594,7 @@ def test_a_model_that_does_not_fit_fails_with_memory_fits_and_no_pods(
     api: CustomObjectsApi, core: CoreV1Api, operator: Operator
 ) -> None:
     ns, name = operator.namespace, "too-large"
-    document = example(name, model={"name": "meta-llama/Meta-Llama-3-70B"}, method={"type": "full"})
-    document["spec"]["method"] = {"type": "full"}
-    document["spec"]["resources"] = {"gpuType": "L4", "gpusPerNode": 1, "gpus": 1}
-    create(api, ns, document)
+    create(api, ns, misfit(name))
     status = wait_job(api, operator, name, phase_is("Failed"), "Failed")
     assert condition(status, "MemoryFits")["status"] == "False"
     assert condition(status, "Failed")["reason"] == "MemoryFits"
@@ -541,13 +603,74 @@ def test_a_model_that_does_not_fit_fails_with_memory_fits_and_no_pods(
     assert worker_pods(core, ns, name) == []
 
 
+def misfit(name: str) -> dict[str, Any]:
+    """Full fine-tuning of a 70B model on one L4: no count fits it; the planner suggests cheaper variants."""
+    document = example(name, model={"name": "meta-llama/Meta-Llama-3-70B"})
+    document["spec"]["method"] = {"type": "full"}  # replaced, not merged: the lora block must go
+    document["spec"]["resources"] = {"gpuType": "L4", "gpusPerNode": 1, "gpus": 1}
+    return document
+
+
+def registered_webhooks(cluster: Cluster) -> list[str]:
+    listed = json.loads(cluster.kubectl("get", "validatingwebhookconfigurations", "-o", "json").stdout)
+    return [hook["name"] for config in listed["items"] for hook in config.get("webhooks") or []]
+
+
+def test_the_admission_webhook_answers_kubectl_apply_with_the_plan(
+    cluster: Cluster, namespace: str, claims: None, api: CustomObjectsApi, tmp_path: Path
+) -> None:
+    """With the webhook, a misfit is refused at apply with exactly what `ftctl plan` says (suggestions
+    included), a fitting job is admitted and planned, and a spec change into a misfit is refused. With
+    the operator stopped (failurePolicy Ignore, the default) apply admits, and the operator fails the job
+    as MemoryFits once it runs, as without a webhook."""
+    port = free_port()
+    webhook = Operator(
+        cluster, namespace, tmp_path / "webhook.log", args=("--standalone", "--webhook-port", str(port))
+    ).start()
+    try:
+        eventually(
+            lambda: "plan.finetune-operator.finetune.dev" in registered_webhooks(cluster),
+            "webhook registered",
+            webhook.tail,
+        )
+        answer = plan(parse_job(misfit("too-large")).spec)
+        assert not answer.fits and "would fit: " in answer.message
+        with pytest.raises(ApiException) as refused:
+            create(api, namespace, misfit("too-large"))
+        assert refused.value.status == 422
+        assert f"MemoryFits: {answer.message}" in str(refused.value.body)
+
+        create(api, namespace, example("fits"))
+        status = wait_job(api, webhook, "fits", lambda s: bool(s.get("plan")), "plan")
+        assert status["plan"]["fits"] is True
+        changed_job = get(api, namespace, "fits")
+        changed_job["spec"] = misfit("fits")["spec"]
+        with pytest.raises(ApiException) as changed:
+            api.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fits", changed_job)
+        assert changed.value.status == 422 and "MemoryFits: does not fit" in str(changed.value.body)
+    finally:
+        webhook.stop()
+        print(f"--- webhook operator log ---\n{webhook.tail(40)}")
+
+    eventually(lambda: registered_webhooks(cluster) == [], "webhook withdrawn on stop")
+    create(api, namespace, misfit("while-down"))
+    plain = Operator(cluster, namespace, tmp_path / "operator.log").start()
+    try:
+        status = wait_job(api, plain, "while-down", phase_is("Failed"), "Failed")
+        assert condition(status, "Failed")["reason"] == "MemoryFits"
+    finally:
+        plain.stop()
+
+
 @pytest.mark.parametrize(
     ("mutate", "fragment"),
     [
         (lambda s: s["training"].update(learningRate=-1), "learningRate"),
         (lambda s: s["method"].update(type="sft"), "method.type"),
+        (lambda s: s["resources"].update(memory="lots"), "resources.memory"),
+        (lambda s: s.setdefault("runPolicy", {}).update(queueName="q" * 64), "runPolicy.queueName"),
     ],
-    ids=["schema-bound", "schema-enum"],
+    ids=["schema-bound", "schema-enum", "schema-quantity", "schema-label-value"],
 )
 def test_invalid_specs_are_rejected_at_apply(
     api: CustomObjectsApi, operator: Operator, mutate: Callable[[dict[str, Any]], None], fragment: str
@@ -570,12 +693,26 @@ def test_invalid_specs_are_rejected_at_apply(
 CHART = REPO / "charts" / "finetune-operator"
 
 
-def install_chart(cluster: Cluster, namespace: str, release: str) -> list[dict[str, Any]]:
+def install_chart(
+    cluster: Cluster,
+    namespace: str,
+    release: str,
+    *,
+    watch: tuple[str, ...] = (),
+    trainer_namespaces: bool = True,
+) -> list[dict[str, Any]]:
     """`helm template` for this namespace, applied without the Deployment (the test runs the replicas as
-    local processes, under the chart's service account): CRDs first, then the rest once established."""
+    local processes, under the chart's service account): CRDs first, then the rest once established.
+    `watch` defaults to the release namespace; `trainer_namespaces` has the chart make the trainer's
+    account there too (else only the operator provides it)."""
+    values = ["--set", f"watchNamespaces={{{','.join(watch or (namespace,))}}}"]
+    if trainer_namespaces:
+        values += ["--set", f"trainerNamespaces={{{namespace}}}"]
     rendered = subprocess.run(
         [str(BIN / "helm"), "template", release, str(CHART), "-n", namespace, "--kube-version", "1.37.2",
-         "--set", f"watchNamespaces={{{namespace}}}", "--set", f"trainerNamespaces={{{namespace}}}"],
+         *values,
+         # The replicas run as local processes here, so no Service could reach their webhook.
+         "--set", "webhook.enabled=false"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     documents = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] != "Deployment"]
@@ -591,6 +728,13 @@ def install_chart(cluster: Cluster, namespace: str, release: str) -> list[dict[s
             names = [f"crd/{d['metadata']['name']}" for d in crds]
             cluster.kubectl("wait", "--for=condition=Established", *names, "--timeout=30s")
     return documents
+
+
+def delete_cluster_scoped(cluster: Cluster, documents: list[dict[str, Any]]) -> None:
+    """The chart's ClusterRoles and bindings outlive the test's namespace: delete them."""
+    for document in documents:
+        if document["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+            cluster.kubectl("delete", document["kind"].lower(), document["metadata"]["name"], check=False)
 
 
 def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
@@ -666,6 +810,75 @@ def test_rank0_progress_reaches_status_and_kubectl_get_under_the_charts_trainer_
     eventually(lambda: loss in operator.metrics(), "the loss in /metrics", operator.tail)
 
 
+def test_a_job_in_a_namespace_nobody_prepared_runs_under_the_charts_rbac(
+    cluster: Cluster, namespace: str, api: CustomObjectsApi, core: CoreV1Api, tmp_path: Path
+) -> None:
+    """The chart's defaults: the operator creates the trainer's account in the job's namespace and binds
+    it to the chart's trainer ClusterRole (the only role it may bind); the trainer may then patch its pod
+    there, and nothing more."""
+    other = f"{namespace[:56]}-other"
+    core.create_namespace(V1Namespace(metadata=V1ObjectMeta(name=other, labels={"finetune.dev/e2e": "true"})))
+    volumes = bound_claims(core, other)
+    release = f"ft-{namespace[-6:]}"
+    documents: list[dict[str, Any]] = []
+    try:
+        documents = install_chart(
+            cluster, namespace, release, watch=(namespace, other), trainer_namespaces=False
+        )
+        kubeconfig = service_account_kubeconfig(cluster, namespace, release, tmp_path / "sa.kubeconfig")
+        deployment = yaml.safe_load(
+            subprocess.run(
+                [str(BIN / "helm"), "template", release, str(CHART), "-n", namespace, "--kube-version", "1.37.2",
+                 "--show-only", "templates/deployment.yaml"],
+                capture_output=True, text=True, check=True, timeout=60,
+            ).stdout
+        )  # fmt: skip
+        chart_env = {
+            e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        role = chart_env["FINETUNE_TRAINER_CLUSTER_ROLE"]
+        operator = Operator(
+            cluster,
+            other,
+            tmp_path / "operator.log",
+            kubeconfig=kubeconfig,
+            env={"FINETUNE_TRAINER_CLUSTER_ROLE": role},
+        ).start()
+        try:
+            create(api, other, example("elsewhere"))
+            wait_job(api, operator, "elsewhere", phase_is("Running"), "Running phase")
+        finally:
+            operator.stop()
+        binding = cluster.kubectl("get", "rolebinding", "finetune-trainer", "-n", other, "-o", "json").stdout
+        assert json.loads(binding)["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": role,
+        }
+        (pod,) = worker_pods(core, other, "elsewhere")
+        assert pod.spec.service_account_name == "finetune-trainer"
+        as_trainer = CoreV1Api(
+            new_client_from_config(
+                str(
+                    service_account_kubeconfig(
+                        cluster, other, "finetune-trainer", tmp_path / "trainer.kubeconfig"
+                    )
+                )
+            )
+        )
+        as_trainer.patch_namespaced_pod(
+            pod.metadata.name, other, {"metadata": {"annotations": {"probe": "1"}}}
+        )
+        with pytest.raises(ApiException) as denied:
+            as_trainer.delete_namespaced_pod(pod.metadata.name, other)
+        assert denied.value.status == 403
+    finally:
+        delete_cluster_scoped(cluster, documents)
+        core.delete_namespace(other)
+        for volume in volumes:
+            core.delete_persistent_volume(volume)
+
+
 def test_two_peered_replicas_under_the_charts_rbac_one_acts_and_the_other_takes_over(
     cluster: Cluster, namespace: str, claims: None, api: CustomObjectsApi, core: CoreV1Api, tmp_path: Path
 ) -> None:
@@ -715,6 +928,4 @@ def test_two_peered_replicas_under_the_charts_rbac_one_acts_and_the_other_takes_
         for process in (active, standby):
             process.stop()
             print(f"--- {process.log.name} ---\n{process.tail(40)}")
-        for document in documents:
-            if document["kind"] in ("ClusterRole", "ClusterRoleBinding"):
-                cluster.kubectl("delete", document["kind"].lower(), document["metadata"]["name"], check=False)
+        delete_cluster_scoped(cluster, documents)

@@ -108,3 +108,45 @@ def test_help_lists_every_subcommand() -> None:
     result = subprocess.run([FTCTL, "--help"], capture_output=True, text=True, check=True)
     for command in ("estimate", "plan", "train", "models"):
         assert command in result.stdout
+
+
+def test_render_prints_the_objects_the_pipeline_makes_in_the_namespace_asked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    monkeypatch.setenv("FINETUNE_TRAINER_IMAGE", "registry.example/trainer:1")
+    assert main(["render", "-f", EXAMPLE, "-n", "team-a", "--attempt", "2"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [(o["kind"], o["metadata"]["namespace"]) for o in objects] == [
+        ("ConfigMap", "team-a"),
+        ("Service", "team-a"),
+        ("Pod", "team-a"),
+    ]
+    pod = objects[2]
+    assert pod["metadata"]["labels"]["finetune.dev/attempt"] == "2"
+    assert pod["spec"]["containers"][0]["image"] == "registry.example/trainer:1"  # the operator's setting
+    trainer_config = yaml.safe_load(objects[0]["data"]["trainer_config.yaml"])
+    assert trainer_config["jobName"] == "llama2-7b-alpaca-lora"
+    assert main(["render", "-f", EXAMPLE, "-o", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["kind"] == "List" and [o["kind"] for o in listed["items"]] == [
+        "ConfigMap",
+        "Service",
+        "Pod",
+    ]
+
+
+def test_render_of_a_job_that_cannot_run_prints_why_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    job = yaml.safe_load(Path(EXAMPLE).read_text())
+    job["spec"]["resources"] |= {"gpus": 9, "gpusPerNode": 8}
+    path = tmp_path / "uneven.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["render", "-f", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("ftctl render: InvalidSpec: resources.gpus 9 cannot be spread evenly")

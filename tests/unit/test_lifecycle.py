@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -105,6 +106,15 @@ def test_only_missing_workers_are_created() -> None:
     actions = run(running_status(phase=Phase.SCHEDULING), [pod_doc(1, phase="Pending")])
     assert names_of(actions.create_pods) == ["tiny-worker-0"]
     assert reasons(actions) == []  # no CreatedWorkers event for a partial top-up
+
+
+def test_the_trainers_account_is_ensured_before_its_workers_are_created() -> None:
+    the_job = job()
+    options = replace(OPTIONS, trainer_cluster_role="finetune-trainer")
+    desired = desire(the_job, ref(), options, attempt=0)
+    actions = reconcile(ref(), the_job.spec, FineTuneJobStatus(), desired, [], NOW, POLICY)
+    assert [o["kind"] for o in actions.ensure] == ["ServiceAccount", "RoleBinding", "ConfigMap", "Service"]
+    assert len(actions.create_pods) == 2
 
 
 def test_unschedulable_carries_the_schedulers_message() -> None:

@@ -61,9 +61,9 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
             "terminationGracePeriodSeconds": 120,
             "securityContext": {
                 "runAsNonRoot": True,
-                "runAsUser": 1000,
-                "runAsGroup": 1000,
-                "fsGroup": 1000,
+                "runAsUser": 10001,
+                "runAsGroup": 10001,
+                "fsGroup": 10001,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             "containers": [
@@ -103,7 +103,7 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                         {"name": "config", "mountPath": "/etc/finetune", "readOnly": True},
                         {"name": "dshm", "mountPath": "/dev/shm"},
                         {"name": "pvc-datasets", "mountPath": "/mnt/pvc/datasets", "readOnly": True},
-                        {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": False},
+                        {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
                     ],
                     "securityContext": {
                         "allowPrivilegeEscalation": False,
@@ -119,7 +119,7 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                     "name": "pvc-datasets",
                     "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True},
                 },
-                {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models", "readOnly": False}},
+                {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
             ],
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "serviceAccountName": "finetune-trainer",
@@ -355,3 +355,47 @@ def test_rendezvous_env_per_rank(rank: int) -> None:
 def test_rendezvous_rejects_a_rank_outside_the_gang() -> None:
     with pytest.raises(ValueError, match="outside"):
         torch_env(Rendezvous("m", 1, nnodes=2, nproc_per_node=1), 2)
+
+
+# --- the trainer's access in the job's namespace ---------------------------------------------------------
+
+
+def test_the_trainer_account_and_its_binding_are_provided_where_the_operator_manages_access() -> None:
+    assert desired().access == ()  # access not managed: the accounts exist already
+    options = replace(OPTIONS, trainer_cluster_role="finetune-trainer")
+    result = desire(job(), ref(), options, attempt=0)
+    assert isinstance(result, Desired)
+    account, binding = result.access
+    namespace = ref().namespace
+    assert account == {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": "finetune-trainer",
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "finetune-trainer",
+                "app.kubernetes.io/managed-by": "finetune-operator",
+            },
+        },
+    }
+    assert binding["kind"] == "RoleBinding" and binding["metadata"] == account["metadata"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "finetune-trainer",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "finetune-trainer", "namespace": namespace}
+    ]
+    # Shared by the namespace's jobs: deleting one job must not take the account with it.
+    assert "ownerReferences" not in account["metadata"]
+    assert all(p["spec"]["serviceAccountName"] == "finetune-trainer" for p in result.pods)
+
+
+def test_a_job_with_its_own_account_gets_no_managed_access() -> None:
+    options = replace(OPTIONS, trainer_cluster_role="finetune-trainer")
+    result = desire(job(serviceAccountName="team-trainer"), ref(), options, attempt=0)
+    assert isinstance(result, Desired)
+    assert result.access == ()
+    assert result.pods[0]["spec"]["serviceAccountName"] == "team-trainer"

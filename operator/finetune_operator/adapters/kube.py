@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -94,6 +94,7 @@ class JobApi:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
+        self.rbac = client.RbacAuthorizationV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
 
     def credentials(self) -> kopf.ConnectionInfo:
@@ -150,17 +151,21 @@ class JobApi:
             raise classify(exc, f"write status of {meta['namespace']}/{meta['name']}") from exc
 
     def ensure(self, obj: Mapping[str, Any]) -> None:
-        """Create a ConfigMap or Service; an existing ConfigMap is brought up to date, a Service left."""
+        """Create a ConfigMap, Service, ServiceAccount or RoleBinding; an existing ConfigMap is brought up
+        to date, the others are left as they are (an account or binding someone else made wins)."""
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         what = f"create {kind.lower()} {namespace}/{name}"
+        creators: dict[str, Callable[[str, Any], object]] = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Service": self.core.create_namespaced_service,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+        }
         try:
-            if kind == "ConfigMap":
-                self.core.create_namespaced_config_map(namespace, cast(Any, obj))
-            elif kind == "Service":
-                self.core.create_namespaced_service(namespace, cast(Any, obj))
-            else:
+            if kind not in creators:
                 raise ValueError(f"ensure does not handle {kind}")
+            creators[kind](namespace, cast(Any, obj))
         except ApiException as exc:
             if exc.status != 409:
                 raise classify(exc, what) from exc

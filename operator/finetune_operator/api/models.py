@@ -42,6 +42,16 @@ URI_PATTERN = (
     r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/\s]+(/\S*)?|hf://\S+|file://\S+|/\S*|\.{1,2}/\S*)$"
 )
 INT_OR_STRING: JsonDict = {"x-kubernetes-int-or-string": True}
+#: A non-negative resource.Quantity (apimachinery's grammar without a sign): 32, 500m, 256Gi, 1e3.
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][0-9]+)?$"
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=32, pattern=QUANTITY_PATTERN, description="A Kubernetes quantity, e.g. 32, 500m, 256Gi."
+    ),
+]
+#: A Kubernetes label value: what Kueue's queue-name label holds.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
 Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024, description=URI_DESCRIPTION)]
 
@@ -321,11 +331,9 @@ class ResourcesSpec(ApiModel):
     memory_headroom: float = Field(
         default=0.08, ge=0.0, lt=0.9, description="Fraction of GPU memory the plan leaves free."
     )
-    cpu: str | None = Field(default=None, max_length=32, description="CPU request per worker (e.g. 32).")
-    memory: str | None = Field(
-        default=None, max_length=32, description="Memory request per worker (e.g. 256Gi)."
-    )
-    shared_memory: str = Field(default="16Gi", max_length=32, description="Size of /dev/shm in each worker.")
+    cpu: Quantity | None = Field(default=None, description="CPU request per worker (e.g. 32).")
+    memory: Quantity | None = Field(default=None, description="Memory request per worker (e.g. 256Gi).")
+    shared_memory: Quantity = Field(default="16Gi", description="Size of /dev/shm in each worker.")
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -388,7 +396,10 @@ class RunPolicySpec(ApiModel):
         default=False, description="Remove the workers but keep the job and its checkpoints."
     )
     queue_name: str | None = Field(
-        default=None, max_length=253, description="Kueue LocalQueue to admit through."
+        default=None,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
+        description="Kueue LocalQueue to admit through (a label value: at most 63 characters).",
     )
 
 
@@ -428,6 +439,19 @@ class Toleration(ApiModel):
         default=None, description="Taint effect to tolerate; empty matches all."
     )
     toleration_seconds: int | None = Field(default=None, description="How long NoExecute is tolerated.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.key) || self.operator == 'Exists'",
+            message="tolerations: a toleration without a key matches every taint and needs operator Exists",
+            check=lambda s: s.key is not None or s.operator == "Exists",
+        ),
+        Rule(
+            cel="self.operator != 'Exists' || !has(self.value)",
+            message="tolerations: operator Exists takes no value",
+            check=lambda s: s.operator != "Exists" or s.value is None,
+        ),
+    )
 
 
 class FineTuneJobSpec(ApiModel):

@@ -16,10 +16,16 @@ from pydantic import ValidationError
 from finetune_operator.api.base import describe_validation_error
 from finetune_operator.api.models import FineTuneJob, PlanStatus
 from finetune_operator.core.gang import Gang, JobRef, Refine, RenderOptions, build_gang
-from finetune_operator.core.plan import PlanningError, plan
-from finetune_operator.core.render import render_configmap, render_pod, render_service, template_hash
+from finetune_operator.core.plan import Plan, PlanningError, plan
+from finetune_operator.core.render import (
+    render_configmap,
+    render_pod,
+    render_service,
+    render_trainer_access,
+    template_hash,
+)
 from finetune_operator.core.torch_env import reserved_collisions
-from finetune_operator.core.trainer_config import TrainerConfigError
+from finetune_operator.core.trainer_config import TrainerConfigError, render_trainer_config
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class Desired:
     service: dict[str, Any]
     pods: tuple[dict[str, Any], ...]  # by node rank
     template_hash: str
+    #: The trainer's ServiceAccount and RoleBinding, where the operator provides them.
+    access: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,10 +65,10 @@ def parse_job(body: Mapping[str, Any]) -> FineTuneJob | SpecProblem:
         )
 
 
-def desire(
-    job: FineTuneJob, ref: JobRef, options: RenderOptions, attempt: int, refine: Refine = _identity
-) -> Desired | SpecProblem:
-    """Plan, check and render one job for `attempt`; a SpecProblem says why it cannot run."""
+def check(job: FineTuneJob) -> Plan | SpecProblem:
+    """Everything that decides whether a job can run, before anything is built: the reserved env, the
+    plan and its MemoryFits verdict, and the trainer config its URIs make. The admission webhook answers
+    `kubectl apply` with this; the controller fails a job with it when the webhook was not asked."""
     collisions = reserved_collisions(item.name for item in job.spec.env)
     if collisions:
         return SpecProblem(
@@ -71,9 +79,23 @@ def desire(
         planned = plan(job.spec)
     except PlanningError as exc:
         return SpecProblem("InvalidSpec", str(exc))
-    status = planned.to_status()
     if not planned.fits:
-        return SpecProblem("MemoryFits", planned.message, status)
+        return SpecProblem("MemoryFits", planned.message, planned.to_status())
+    try:
+        render_trainer_config(job, planned)
+    except (TrainerConfigError, ValueError) as exc:
+        return SpecProblem("InvalidSpec", str(exc), planned.to_status())
+    return planned
+
+
+def desire(
+    job: FineTuneJob, ref: JobRef, options: RenderOptions, attempt: int, refine: Refine = _identity
+) -> Desired | SpecProblem:
+    """Plan, check and render one job for `attempt`; a SpecProblem says why it cannot run."""
+    planned = check(job)
+    if isinstance(planned, SpecProblem):
+        return planned
+    status = planned.to_status()
     try:
         gang = build_gang(job, ref, planned, options, attempt)
     except (TrainerConfigError, ValueError) as exc:
@@ -86,4 +108,5 @@ def desire(
         service=render_service(gang),
         pods=tuple(render_pod(gang, index) for index in range(gang.nodes)),
         template_hash=gang.template_hash,
+        access=render_trainer_access(gang),
     )

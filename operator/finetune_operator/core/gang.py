@@ -36,8 +36,10 @@ class RenderOptions:
     image_pull_policy: str = "IfNotPresent"
     #: Used when the job names none; None leaves the namespace's `default` account.
     service_account: str | None = None
-    #: The restricted Pod Security profile wants a non-root UID; fsGroup makes PVCs writable for it.
-    run_as_user: int = 1000
+    #: Bound to `service_account` in the job's namespace (created where missing); None: not managed.
+    trainer_cluster_role: str | None = None
+    #: The trainer image's user; fsGroup makes PVCs writable for it.
+    run_as_user: int = 10001
     #: Seconds a worker gets after SIGTERM; the trainer saves a checkpoint on SIGTERM (exit code 75).
     termination_grace_seconds: int = 120
 
@@ -64,6 +66,8 @@ class Gang:
     image_pull_policy: str
     master_port: int
     service_account: str | None
+    #: The ClusterRole to bind to `service_account` when it is the operator's default account.
+    access_role: str | None
     run_as_user: int
     termination_grace_seconds: int
     shared_memory: str
@@ -153,6 +157,8 @@ def build_gang(job: FineTuneJob, ref: JobRef, planned: Plan, options: RenderOpti
         image_pull_policy=options.image_pull_policy,
         master_port=spec.distributed.master_port,
         service_account=spec.service_account_name or options.service_account,
+        # A job's own account is the job's business; the default one the operator provides everywhere.
+        access_role=None if spec.service_account_name else options.trainer_cluster_role,
         run_as_user=options.run_as_user,
         termination_grace_seconds=options.termination_grace_seconds,
         shared_memory=resources.shared_memory,

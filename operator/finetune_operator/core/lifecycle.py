@@ -90,7 +90,8 @@ class Actions:
 
     status: FineTuneJobStatus
     status_changed: bool
-    ensure: tuple[dict[str, Any], ...] = ()  # ConfigMap and Service: create if absent, update if different
+    #: The trainer's account and binding, ConfigMap and Service: create if absent, update if different
+    ensure: tuple[dict[str, Any], ...] = ()
     delete_pods: tuple[str, ...] = ()
     create_pods: tuple[dict[str, Any], ...] = ()
     events: tuple[Event, ...] = ()
@@ -242,7 +243,7 @@ def reconcile(
         return d.actions()
 
     if gang.missing:
-        d.ensure.extend([desired.configmap, desired.service])
+        d.ensure.extend([*desired.access, desired.configmap, desired.service])
         d.create.extend(desired.pods[i] for i in gang.missing)
         if not current:
             d.events.append(

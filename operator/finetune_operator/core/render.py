@@ -62,6 +62,34 @@ def render_configmap(gang: Gang) -> dict[str, Any]:
     }
 
 
+def render_trainer_access(gang: Gang) -> tuple[dict[str, Any], ...]:
+    """The trainer's ServiceAccount and its RoleBinding to the access ClusterRole (pods get/patch: rank 0
+    patches its own pod with progress), in the job's namespace. Shared by the namespace's jobs, so not
+    owned by this one; empty when the job names its own account or access is not managed."""
+    if gang.access_role is None or gang.service_account is None:
+        return ()
+    account, namespace = gang.service_account, gang.job.namespace
+    metadata = {
+        "name": account,
+        "namespace": namespace,
+        "labels": {names.LABEL_APP_NAME: names.APP_NAME, names.LABEL_MANAGED_BY: names.MANAGED_BY},
+    }
+    return (
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata,
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": gang.access_role,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        },
+    )
+
+
 def render_service(gang: Gang) -> dict[str, Any]:
     """Headless, and publishing not-ready addresses so rank 0 resolves before any readiness."""
     return {
@@ -87,10 +115,11 @@ def _volumes(gang: Gang) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         {"name": "dshm", "mountPath": names.SHM_PATH},
     ]
     for claim, path in sorted(gang.mounts.items()):
-        read_only = claim in gang.read_only_claims
+        # readOnly only where true: the API server drops a false one, and `ftctl render` shows what it stores.
+        read_only = {"readOnly": True} if claim in gang.read_only_claims else {}
         volume = f"pvc-{claim}"[:63].rstrip("-")
-        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
-        mounts.append({"name": volume, "mountPath": path, "readOnly": read_only})
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, **read_only}})
+        mounts.append({"name": volume, "mountPath": path, **read_only})
     return volumes, mounts
 
 
@@ -183,6 +212,17 @@ def template_hash(gang: Gang) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's files) as `|` blocks, as `kubectl get -o yaml` shows them."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
 def to_yaml(objects: Sequence[Mapping[str, Any]]) -> str:
     """A multi-document YAML of rendered objects (`ftctl render`, debugging)."""
-    return yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False)
+    return yaml.dump_all([dict(o) for o in objects], Dumper=_BlockDumper, sort_keys=False)

@@ -1,0 +1,99 @@
+"""The Helm chart renders what the operator expects: `helm lint --strict`, and a webhook whose
+certificate, CA bundle and settings fit together (the in-cluster path; the local cluster's is in
+test_operator.py's webhook test)."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+
+from finetune_operator.settings import from_env
+
+from .conftest import BIN, REPO
+
+CHART = REPO / "charts" / "finetune-operator"
+
+
+def helm(*args: str) -> str:
+    done = subprocess.run([str(BIN / "helm"), *args], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def rendered(*values: str) -> dict[str, dict[str, Any]]:
+    text = helm("template", "ft", str(CHART), "-n", "ops", "--kube-version", "1.37.2", *values)
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text) if d}
+
+
+def test_the_chart_lints_strictly() -> None:
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART))
+
+
+def test_the_webhook_certificate_serves_the_service_name_and_the_bundle_trusts_it(tmp_path: Path) -> None:
+    objects = rendered("--set", "watchNamespaces={team-a}")
+    secret = objects["Secret/ft-webhook-tls"]["data"]
+    (tmp_path / "tls.crt").write_bytes(base64.b64decode(secret["tls.crt"]))
+    (tmp_path / "tls.key").write_bytes(base64.b64decode(secret["tls.key"]))
+    # kopf's server loads exactly these files from FINETUNE_WEBHOOK_CERT_DIR.
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+        tmp_path / "tls.crt", tmp_path / "tls.key"
+    )
+    certificate = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["ft-webhook.ops.svc"]
+
+    hook = objects["ValidatingWebhookConfiguration/ft.finetune.dev"]["webhooks"][0]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(hook["clientConfig"]["caBundle"]))
+    certificate.verify_directly_issued_by(ca)
+    assert hook["clientConfig"]["service"] == {
+        "name": "ft-webhook",
+        "namespace": "ops",
+        "path": "/plan",
+        "port": 443,
+    }
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a"]
+    assert objects["Service/ft-webhook"]["spec"]["ports"][0]["targetPort"] == "webhook"
+
+
+def test_the_deployment_configures_a_serving_only_webhook() -> None:
+    """The chart owns the configuration and the certificate; every FINETUNE_ variable it sets is a setting."""
+    deployment = rendered("--set", "webhook.failurePolicy=Fail")["Deployment/ft"]["spec"]["template"]["spec"]
+    container = deployment["containers"][0]
+    assert "--webhook-port=9443" in container["args"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = from_env(env)
+    webhook = settings.webhook
+    assert (webhook.address, webhook.cert_dir, webhook.configuration, webhook.failure_policy) == (
+        "0.0.0.0",
+        "/etc/finetune-webhook",
+        "",
+        "Fail",
+    )
+    mount = container["volumeMounts"][0]
+    assert mount["mountPath"] == webhook.cert_dir
+    assert deployment["volumes"][0]["secret"]["secretName"] == "ft-webhook-tls"
+
+
+@pytest.mark.parametrize("value", ["webhook.enabled=false", "webhook.certManager.enabled=true"])
+def test_the_webhook_can_be_turned_off_or_issued_by_cert_manager(value: str) -> None:
+    objects = rendered("--set", value)
+    if value == "webhook.enabled=false":
+        assert not [k for k in objects if "webhook" in k.lower()]
+        assert (
+            "--webhook-port=9443"
+            not in objects["Deployment/ft"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        )
+    else:
+        assert "Secret/ft-webhook-tls" not in objects  # cert-manager writes it
+        assert objects["Certificate/ft-webhook"]["spec"]["dnsNames"] == ["ft-webhook.ops.svc"]
+        config = objects["ValidatingWebhookConfiguration/ft.finetune.dev"]
+        assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "ops/ft-webhook"
+        assert "caBundle" not in config["webhooks"][0]["clientConfig"]

@@ -1,0 +1,63 @@
+"""The admission verdict: what `kubectl apply` hears from the webhook, the same as `ftctl plan` says."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator.core.admission import review
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llama2-7b-alpaca-lora.yaml"
+
+
+@pytest.fixture
+def job() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return document
+
+
+def too_large(job: dict[str, Any]) -> dict[str, Any]:
+    """Full fine-tuning of a 70B model on two L4s: no count fits it, cheaper variants are suggested."""
+    job = copy.deepcopy(job)
+    job["spec"]["model"] = {"name": "meta-llama/Meta-Llama-3-70B"}
+    job["spec"]["method"] = {"type": "full"}
+    job["spec"]["resources"] = {"gpuType": "L4", "gpusPerNode": 1, "gpus": 2}
+    return job
+
+
+def test_a_feasible_job_is_admitted(job: dict[str, Any]) -> None:
+    assert review(job) is None
+
+
+def test_a_job_that_does_not_fit_is_refused_with_the_planners_message_and_suggestions(
+    job: dict[str, Any],
+) -> None:
+    message = review(too_large(job))
+    assert message is not None and message.startswith("MemoryFits: does not fit on 2 GPUs")
+    assert "would fit: " in message
+
+
+def test_an_uneven_explicit_gpu_count_is_refused(job: dict[str, Any]) -> None:
+    job["spec"]["resources"] |= {"gpus": 9, "gpusPerNode": 8}  # 2 nodes cannot hold 9 evenly
+    message = review(job)
+    assert message is not None and "resources.gpus 9 cannot be spread evenly" in message
+
+
+def test_a_reserved_env_name_is_refused(job: dict[str, Any]) -> None:
+    job["spec"]["env"] = [{"name": "MASTER_ADDR", "value": "elsewhere"}]
+    message = review(job)
+    assert message == "InvalidSpec: spec.env: MASTER_ADDR are set by the operator and cannot be overridden"
+
+
+def test_updates_are_judged_only_when_the_spec_changes(job: dict[str, Any]) -> None:
+    """A job admitted while the webhook was down keeps taking metadata and status writes."""
+    stuck = too_large(job)
+    relabelled = copy.deepcopy(stuck)
+    relabelled["metadata"]["labels"] = {"team": "a"}
+    assert review(relabelled, old=stuck) is None
+    assert review(stuck, old=job) is not None  # a spec change into a misfit is refused
+    assert review(job, old=stuck) is None  # and the fix is admitted
