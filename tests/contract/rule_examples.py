@@ -55,6 +55,9 @@ def minimal_method_jobs() -> Iterator[tuple[str, dict[str, Any]]]:
 
 @dataclass(frozen=True)
 class RuleExample:
+    """`reject` and `accept` edit the minimal job; for an update rule (`oldSelf`), they are updates of
+    the minimal job as created."""
+
     reject: Edit
     accept: Edit
 
@@ -178,6 +181,37 @@ EXAMPLES: dict[tuple[str, str], RuleExample] = {
         accept=_both(_spec(distributed={"offload": "optimizer"}), _spec(training={"optimizer": "adamw"})),
     ),
 }
+
+# Update rules: what a job's checkpoints are of is fixed once it exists; anything else may change.
+IMMUTABLE = "cannot change once the job exists"
+EXAMPLES |= {
+    (
+        "spec",
+        f"spec.model {IMMUTABLE} (its checkpoints belong to the old model); create a new FineTuneJob",
+    ): RuleExample(
+        reject=_spec(model={"name": "meta-llama/Meta-Llama-3-8B"}), accept=_at("training", learningRate=1e-4)
+    ),
+    (
+        "spec",
+        f"spec.method {IMMUTABLE} (its checkpoints belong to the old method); create a new FineTuneJob",
+    ): RuleExample(reject=_method(type="dora"), accept=_at("resources", gpus=8)),
+    (
+        "spec",
+        f"spec.dataset {IMMUTABLE} (its checkpoints belong to the old data); create a new FineTuneJob",
+    ): RuleExample(reject=_at("dataset", maxSeqLength=1024), accept=_spec(runPolicy={"backoffLimit": 1})),
+    (
+        "spec",
+        f"spec.training.precision {IMMUTABLE} (its optimizer states are in the old precision); "
+        "create a new FineTuneJob",
+    ): RuleExample(
+        reject=_at("training", precision="fp32"), accept=_at("training", precision="bf16", epochs=1)
+    ),
+}
+
+
+def is_update_rule(cel: str) -> bool:
+    return "oldSelf" in cel
+
 
 # One example per settings block the method table derives (`method.<block> is only for type …`).
 for _block, _owner, _other in (

@@ -12,8 +12,15 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from contract.rule_examples import EXAMPLES, applied, crd_rules, minimal_method_jobs
-from finetune_operator.api.models import parse_job
+from contract.rule_examples import (
+    EXAMPLES,
+    applied,
+    crd_rules,
+    is_update_rule,
+    minimal_job,
+    minimal_method_jobs,
+)
+from finetune_operator.api.models import FineTuneJobSpec, parse_job
 from finetune_operator.cli import main as ftctl
 
 
@@ -24,7 +31,10 @@ def test_every_cel_rule_has_examples() -> None:
     assert sorted(set(EXAMPLES) - rules) == [], "examples for rules the CRD no longer has"
 
 
-@pytest.mark.parametrize("key", sorted(EXAMPLES), ids=lambda k: f"{k[0]}: {k[1][:40]}")
+UPDATE_RULES = {(path, message) for path, cel, message in crd_rules() if is_update_rule(cel)}
+
+
+@pytest.mark.parametrize("key", sorted(set(EXAMPLES) - UPDATE_RULES), ids=lambda k: f"{k[0]}: {k[1][:40]}")
 def test_the_python_twin_rejects_and_accepts_each_example(key: tuple[str, str]) -> None:
     _, message = key
     example = EXAMPLES[key]
@@ -32,6 +42,18 @@ def test_the_python_twin_rejects_and_accepts_each_example(key: tuple[str, str]) 
         parse_job(applied(example.reject))
     assert message in str(error.value)
     parse_job(applied(example.accept))
+
+
+@pytest.mark.parametrize("key", sorted(UPDATE_RULES), ids=lambda k: k[1][:40])
+def test_the_python_twin_of_each_update_rule_judges_its_examples(key: tuple[str, str]) -> None:
+    """Each edit is a valid job on its own; as an update of the minimal job, the rule refuses the
+    rejected one, and no update rule refuses the accepted one."""
+    _, message = key
+    (rule,) = [r for r in FineTuneJobSpec.transition_rules if r.message == message]
+    old = parse_job(minimal_job()).spec
+    assert not rule.check(old, parse_job(applied(EXAMPLES[key].reject)).spec)
+    accepted = parse_job(applied(EXAMPLES[key].accept)).spec
+    assert all(r.check(old, accepted) for r in FineTuneJobSpec.transition_rules)
 
 
 @pytest.mark.parametrize(

@@ -643,8 +643,9 @@ def test_the_admission_webhook_answers_kubectl_apply_with_the_plan(
         create(api, namespace, example("fits"))
         status = wait_job(api, webhook, "fits", lambda s: bool(s.get("plan")), "plan")
         assert status["plan"]["fits"] is True
-        changed_job = get(api, namespace, "fits")
-        changed_job["spec"] = misfit("fits")["spec"]
+        changed_job = get(api, namespace, "fits")  # onto one L4, with a batch that needs 4 GPUs' memory
+        changed_job["spec"]["resources"] = {"gpuType": "L4", "gpusPerNode": 1, "gpus": 1}
+        changed_job["spec"]["training"] |= {"microBatchSize": 64, "gradientCheckpointing": False}
         with pytest.raises(ApiException) as changed:
             api.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fits", changed_job)
         assert changed.value.status == 422 and "MemoryFits: does not fit" in str(changed.value.body)

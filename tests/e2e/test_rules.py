@@ -11,7 +11,15 @@ import pytest
 from kubernetes.client import CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
-from contract.rule_examples import EXAMPLES, applied, minimal_method_jobs
+from contract.rule_examples import (
+    EXAMPLES,
+    Edit,
+    applied,
+    crd_rules,
+    is_update_rule,
+    minimal_job,
+    minimal_method_jobs,
+)
 from finetune_operator.api.models import GROUP, PLURAL, VERSION
 
 from .conftest import Cluster
@@ -28,7 +36,10 @@ def dry_run_create(api: CustomObjectsApi, document: dict[str, Any]) -> None:
     api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, document, dry_run="All")
 
 
-@pytest.mark.parametrize("key", sorted(EXAMPLES), ids=lambda k: f"{k[0]}: {k[1][:40]}")
+UPDATE_RULES = {(path, message) for path, cel, message in crd_rules() if is_update_rule(cel)}
+
+
+@pytest.mark.parametrize("key", sorted(set(EXAMPLES) - UPDATE_RULES), ids=lambda k: f"{k[0]}: {k[1][:40]}")
 def test_the_api_server_rejects_and_accepts_each_example(api: CustomObjectsApi, key: tuple[str, str]) -> None:
     _, message = key
     example = EXAMPLES[key]
@@ -47,3 +58,31 @@ def test_a_minimal_job_of_each_method_is_admitted(
 ) -> None:
     job["metadata"]["name"] = f"minimal-{name.replace('+', '-')}"
     dry_run_create(api, job)
+
+
+@pytest.mark.parametrize("key", sorted(UPDATE_RULES), ids=lambda k: k[1][:40])
+def test_the_api_server_judges_each_update_rules_examples(
+    api: CustomObjectsApi, key: tuple[str, str]
+) -> None:
+    """The minimal job is created for real; each example is then tried as its update (dry run)."""
+    _, message = key
+    name = f"update-{abs(hash(message)) % 10**8}"
+    job = minimal_job()
+    job["metadata"]["name"] = name
+    created = api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, job)
+    try:
+
+        def update(edit: Edit) -> None:
+            changed = applied(edit)
+            changed["metadata"] = {"name": name, "resourceVersion": created["metadata"]["resourceVersion"]}
+            api.replace_namespaced_custom_object(
+                GROUP, VERSION, "default", PLURAL, name, changed, dry_run="All"
+            )
+
+        with pytest.raises(ApiException) as error:
+            update(EXAMPLES[key].reject)
+        assert error.value.status == 422
+        assert message in json.loads(error.value.body)["message"]
+        update(EXAMPLES[key].accept)
+    finally:
+        api.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, name)

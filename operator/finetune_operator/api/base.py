@@ -26,6 +26,16 @@ class Rule:
     check: Callable[[Any], bool]
 
 
+@dataclass(frozen=True)
+class TransitionRule:
+    """A rule on an update: `cel` may read `oldSelf` (the API server checks it only when the object
+    changes); `check(old, new)` is the Python twin, for callers that hold both versions."""
+
+    cel: str
+    message: str
+    check: Callable[[Any, Any], bool]
+
+
 class ApiModel(BaseModel):
     """Base of every API object: camelCase on the wire, unknown fields refused, rules enforced."""
 
@@ -38,14 +48,16 @@ class ApiModel(BaseModel):
     )
 
     rules: ClassVar[tuple[Rule, ...]] = ()
+    transition_rules: ClassVar[tuple[TransitionRule, ...]] = ()
 
     @classmethod
     def __get_pydantic_json_schema__(
         cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         schema = handler.resolve_ref_schema(handler(core_schema))
-        if cls.rules:
-            schema["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in cls.rules]
+        rules: list[Rule | TransitionRule] = [*cls.rules, *cls.transition_rules]
+        if rules:
+            schema["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in rules]
         return schema
 
     @model_validator(mode="after")

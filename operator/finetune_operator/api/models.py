@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field
 from pydantic.config import JsonDict
 
-from finetune_operator.api.base import ApiModel, Rule
+from finetune_operator.api.base import ApiModel, Rule, TransitionRule
 from finetune_operator.api.enums import (
     OFFLOAD_OPTIMIZERS,
     AttentionImpl,
@@ -454,6 +454,24 @@ class Toleration(ApiModel):
     )
 
 
+def _unchanged(block: str, what: str) -> TransitionRule:
+    """`spec.<block>` is fixed once the job exists."""
+    return TransitionRule(
+        cel=f"self.{block} == oldSelf.{block}",
+        message=f"spec.{block} cannot change once the job exists (its checkpoints belong to the old {what}); "
+        "create a new FineTuneJob",
+        check=lambda old, new: bool(getattr(old, block) == getattr(new, block)),
+    )
+
+
+def _precision_of(spec: str) -> str:
+    """CEL for a spec's training precision, the API's default where it is left out."""
+    default = TrainingSpec.model_fields["precision"].default.value
+    return (
+        f"(has({spec}.training) && has({spec}.training.precision) ? {spec}.training.precision : '{default}')"
+    )
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what data, how, and with which resources."""
 
@@ -483,6 +501,23 @@ class FineTuneJobSpec(ApiModel):
         description="Service account for workers (default: the operator's trainer SA).",
     )
     secrets: SecretsSpec = Field(default_factory=SecretsSpec, description="Credentials, by reference only.")
+
+    #: What a job's checkpoints are of: changing it could only resume from checkpoints of something else
+    #: (another base model, adapter layout, data order or optimizer-state dtype), so it is fixed once
+    #: the job exists, as a Kubernetes Job's template is. Everything else (learning rate, epochs,
+    #: resources, ZeRO, run policy, …) may change; a running job restarts to apply it and resumes.
+    transition_rules: ClassVar[tuple[TransitionRule, ...]] = (
+        *(
+            _unchanged(block, what)
+            for block, what in (("model", "model"), ("method", "method"), ("dataset", "data"))
+        ),
+        TransitionRule(
+            cel=f"{_precision_of('self')} == {_precision_of('oldSelf')}",
+            message="spec.training.precision cannot change once the job exists (its optimizer states are "
+            "in the old precision); create a new FineTuneJob",
+            check=lambda old, new: bool(old.training.precision == new.training.precision),
+        ),
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
