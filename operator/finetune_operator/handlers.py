@@ -76,7 +76,8 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
             registry=registry,
         )
         def admit(body: kopf.Body, **kwargs: Any) -> None:
-            message = review(body, kwargs.get("old"))  # `old` is passed on updates only
+            # `old` is passed on updates only.
+            message = review(body, kwargs.get("old"), operator_settings.placement.preset)
             if message is not None:
                 raise kopf.AdmissionError(message, code=422)
 

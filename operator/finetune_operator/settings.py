@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 
 from finetune_operator.core.gang import RenderOptions
 from finetune_operator.core.lifecycle import LifecyclePolicy
+from finetune_operator.core.placement import PRESETS
 
 ENV_PREFIX = "FINETUNE_"
 
@@ -93,6 +94,20 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class PlacementSettings:
+    """How this cluster labels its GPU nodes, so workers land on the GPU a job asks for."""
+
+    #: nvidia-gfd (NVIDIA GPU feature discovery's nvidia.com/gpu.product; the GPU operator installs it),
+    #: gke (cloud.google.com/gke-accelerator) or eks (node.kubernetes.io/instance-type). A job's
+    #: spec.affinity.nodeAffinity replaces the placement on any cluster.
+    preset: str = "nvidia-gfd"
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"placement preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+
+
+@dataclass(frozen=True)
 class WebhookSettings:
     """The validating admission webhook: `kubectl apply` of a job that cannot run is refused with the
     planner's message. Without it (port 0) such a job is accepted and then fails as MemoryFits."""
@@ -131,6 +146,7 @@ class Settings:
     peering: PeeringSettings = field(default_factory=PeeringSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
 
     def render_options(self) -> RenderOptions:
         return RenderOptions(
@@ -139,6 +155,7 @@ class Settings:
             service_account=self.trainer.service_account or None,
             trainer_cluster_role=self.trainer.cluster_role or None,
             run_as_user=self.trainer.run_as_user,
+            placement_preset=self.placement.preset,
             termination_grace_seconds=self.trainer.termination_grace_seconds,
         )
 

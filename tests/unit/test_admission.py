@@ -61,3 +61,10 @@ def test_updates_are_judged_only_when_the_spec_changes(job: dict[str, Any]) -> N
     assert review(relabelled, old=stuck) is None
     assert review(stuck, old=job) is not None  # a spec change into a misfit is refused
     assert review(job, old=stuck) is None  # and the fix is admitted
+
+
+def test_a_gpu_the_clusters_placement_preset_cannot_name_is_refused(job: dict[str, Any]) -> None:
+    job["spec"]["resources"] = {"gpuType": "RTX-4090", "gpusPerNode": 1}
+    assert review(job) is None  # NVIDIA GPU feature discovery labels it
+    message = review(job, placement_preset="eks")
+    assert message is not None and "has no node.kubernetes.io/instance-type value" in message

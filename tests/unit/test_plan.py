@@ -10,7 +10,7 @@ from finetune_operator.api.enums import Method, Offload
 from finetune_operator.api.methods import METHODS
 from finetune_operator.api.models import FineTuneJobSpec, parse_job
 from finetune_operator.core.estimate import estimate
-from finetune_operator.core.plan import GIB, PlanningError, layout, plan, setup_for
+from finetune_operator.core.plan import GIB, PlanningError, full_nodes, layout, plan, setup_for
 from finetune_operator.core.plan import architecture_for as arch_of
 
 
@@ -56,9 +56,10 @@ def test_full_70b_needs_zero3_across_nodes() -> None:
     assert result.fits
     assert result.zero_stage == 3
     assert result.gpus > 8 and result.nodes == -(-result.gpus // 8)
-    assert result.gpus == result.nodes * result.gpus_per_node
-    # Minimality: one GPU fewer (evenly spread) does not fit under any configuration.
-    smaller = [n for n in range(1, result.gpus) if layout(n, 8) is not None][-1]
+    # Whole nodes: a gang over several nodes takes all their GPUs (no 3 x 7 on 8-GPU nodes).
+    assert result.gpus_per_node == 8 and result.gpus == result.nodes * 8
+    # Minimality in nodes: the largest even layout on one node fewer does not fit under any configuration.
+    smaller = [n for n in range(1, (result.nodes - 1) * 8 + 1) if layout(n, 8) is not None][-1]
     explicit = plan(
         spec(
             **{
@@ -69,7 +70,8 @@ def test_full_70b_needs_zero3_across_nodes() -> None:
         )
     )
     assert not explicit.fits
-    assert f"the smallest count that fits is {result.gpus}" in explicit.message
+    smallest = int(explicit.message.split("the smallest count that fits is ")[1].split(";")[0].split(":")[0])
+    assert full_nodes(smallest, 8) == result.gpus  # the fewest GPUs that fit fill exactly these nodes
 
 
 def test_ties_go_to_the_lower_stage_and_no_offload() -> None:
@@ -277,3 +279,8 @@ def test_offload_is_only_planned_for_adamw() -> None:
         )
     )
     assert eight_bit.offload == Offload.NONE
+
+
+@pytest.mark.parametrize(("gpus", "whole"), [(1, 1), (3, 3), (8, 8), (9, 16), (21, 24), (24, 24), (25, 32)])
+def test_a_gang_over_several_nodes_takes_whole_nodes(gpus: int, whole: int) -> None:
+    assert full_nodes(gpus, 8) == whole

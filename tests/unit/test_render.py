@@ -13,7 +13,8 @@ from operator_fixtures import OPTIONS, UID, job, ref
 from finetune_operator.api.trainer import CONFIG_FILE, TrainerConfig
 from finetune_operator.core import names
 from finetune_operator.core.desire import Desired, SpecProblem, desire, parse_job
-from finetune_operator.core.gang import build_gang, placement_affinity
+from finetune_operator.core.gang import build_gang
+from finetune_operator.core.placement import placement
 from finetune_operator.core.plan import plan
 from finetune_operator.core.render import render_configmap, render_pod, render_service, template_hash
 from finetune_operator.core.torch_env import Rendezvous, torch_env
@@ -98,7 +99,16 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                         },
                     ],
                     "ports": [{"name": "rendezvous", "containerPort": 29500}],
-                    "resources": {"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}},
+                    # host memory from the plan (16Gi /dev/shm + 4 processes x 6 GiB), requested not limited;
+                    # local disk for logs and compiled ops (the model is on a PVC: nothing to download)
+                    "resources": {
+                        "requests": {
+                            "nvidia.com/gpu": "4",
+                            "memory": "40Gi",
+                            "ephemeral-storage": "2049Mi",
+                        },
+                        "limits": {"nvidia.com/gpu": "4"},
+                    },
                     "volumeMounts": [
                         {"name": "config", "mountPath": "/etc/finetune", "readOnly": True},
                         {"name": "dshm", "mountPath": "/dev/shm"},
@@ -132,13 +142,22 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                                     {
                                         "key": "nvidia.com/gpu.product",
                                         "operator": "In",
-                                        "values": ["NVIDIA-A100-SXM4-80GB"],
+                                        "values": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"],
                                     }
                                 ]
                             }
                         ]
                     }
-                }
+                },
+                # two workers, one node each: the plan gives each all of a node's planned GPUs
+                "podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "labelSelector": {"matchLabels": {"finetune.dev/job-name": "tiny"}},
+                            "topologyKey": "kubernetes.io/hostname",
+                        }
+                    ]
+                },
             },
         },
     }
@@ -195,7 +214,12 @@ def test_configmap_holds_a_trainer_config_the_trainer_parses_with_the_plan_and_m
     [
         (
             {"gpuType": "A100-80GB"},
-            {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-A100-SXM4-80GB"]},
+            # every board variant: SXM4 and PCIe nodes both serve an A100 80GB job
+            {
+                "key": "nvidia.com/gpu.product",
+                "operator": "In",
+                "values": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"],
+            },
         ),
         ({"gpuMemoryGiB": 40}, {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["40959"]}),
         ({"gpuMemoryGiB": 23.5}, {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["24063"]}),
@@ -215,7 +239,7 @@ def test_placement_by_product_or_by_memory(resources: dict[str, Any], expression
 
 
 def test_placement_without_gpu_preference_has_no_affinity() -> None:
-    assert placement_affinity(None, None) is None
+    assert placement(None, None).affinity is None
 
 
 def test_scheduling_knobs_credentials_and_user_env_reach_every_worker() -> None:
@@ -239,8 +263,13 @@ def test_scheduling_knobs_credentials_and_user_env_reach_every_worker() -> None:
         assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
         assert container["image"] == "registry.example/trainer:2"
         assert container["resources"] == {
-            "requests": {"nvidia.com/gpu": "4", "cpu": "32", "memory": "256Gi"},
-            "limits": {"nvidia.com/gpu": "4", "memory": "256Gi"},
+            "requests": {
+                "nvidia.com/gpu": "4",
+                "cpu": "32",
+                "memory": "256Gi",
+                "ephemeral-storage": "2049Mi",
+            },
+            "limits": {"nvidia.com/gpu": "4", "memory": "256Gi"},  # the job's own memory: request = limit
         }
         assert spec["nodeSelector"] == {"pool": "training"}
         assert spec["tolerations"] == [

@@ -61,8 +61,10 @@ def _structural(node: Any, defs: Mapping[str, Any]) -> Any:
     for key, value in node.items():
         if key in _DROPPED_KEYS or (key == "default" and value is None):
             continue
-        if key == "additionalProperties" and value is False:
-            continue  # the API server prunes and (with strict field validation) rejects unknown fields
+        if key == "additionalProperties" and isinstance(value, bool):
+            # False: the API server prunes and (with strict field validation) rejects unknown fields;
+            # True (a free-form object) is said with x-kubernetes-preserve-unknown-fields instead.
+            continue
         if key == "const":
             out["enum"] = [value]
             out.setdefault("type", "string")

@@ -395,6 +395,13 @@ class RunPolicySpec(ApiModel):
     suspend: bool = Field(
         default=False, description="Remove the workers but keep the job and its checkpoints."
     )
+    termination_grace_period_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=604800,
+        description="Seconds a worker gets after SIGTERM to write its checkpoint (default: the operator's, "
+        "or longer when the plan's checkpoint needs it).",
+    )
     queue_name: str | None = Field(
         default=None,
         max_length=63,
@@ -495,6 +502,24 @@ class FineTuneJobSpec(ApiModel):
     priority_class_name: str | None = Field(
         default=None, max_length=253, description="Worker priority class."
     )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="Worker affinity (core/v1 Affinity): its nodeAffinity replaces the GPU placement the "
+        "operator derives from resources, its podAntiAffinity the operator's one-worker-per-node rule.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    scheduler_name: str | None = Field(
+        default=None, max_length=253, description="Scheduler for the workers (default: the cluster's)."
+    )
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list, max_length=32, description="Secrets to pull the trainer image with, by name."
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the worker pods (the operator's own win)."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the worker pods (the operator's own win)."
+    )
     service_account_name: str | None = Field(
         default=None,
         max_length=253,
@@ -578,6 +603,15 @@ class PlanStatus(ApiModel):
     usable_bytes: int = Field(ge=0, description="GPU memory less headroom.")
     host_bytes_per_node: int = Field(
         default=0, ge=0, description="Host memory offloaded states need per node."
+    )
+    worker_memory_bytes: int = Field(
+        default=0, ge=0, description="Host memory each worker requests (offload, /dev/shm, processes)."
+    )
+    worker_ephemeral_storage_bytes: int = Field(
+        default=0, ge=0, description="Local disk each worker requests (hub downloads, logs, compiled ops)."
+    )
+    checkpoint_seconds: int = Field(
+        default=0, ge=0, description="Estimated time to write a checkpoint: the least termination grace."
     )
     breakdown: dict[str, int] = Field(default_factory=dict, description="Per-GPU bytes by component.")
     total_params: int = Field(default=0, ge=0, description="Parameters in the model.")

@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
         "per_gpu_bytes": result.per_gpu_bytes,
         "usable_bytes": result.usable_bytes,
         "host_bytes_per_node": result.host_bytes_per_node,
+        "worker_memory_bytes": result.requests.memory_bytes,
+        "worker_ephemeral_storage_bytes": result.requests.ephemeral_storage_bytes,
+        "checkpoint_seconds": result.requests.checkpoint_seconds,
         "breakdown": dict(result.estimate.breakdown),
         "total_params": result.estimate.total_params,
         "trainable_params": result.estimate.trainable_params,
@@ -55,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         f"  GPUs {result.gpus} = {result.nodes} node(s) x {result.gpus_per_node}, ZeRO-{result.zero_stage}, "
         f"offload {result.offload.value}",
         f"  {result.message}",
+        f"  each worker requests {gib(result.requests.memory_bytes)} host memory and "
+        f"{gib(result.requests.ephemeral_storage_bytes)} local disk; a checkpoint takes about "
+        f"{result.requests.checkpoint_seconds} s to write",
         "  component          per GPU",
         *breakdown_table(result.estimate.breakdown, result.per_gpu_bytes, result.estimate.host_bytes),
     ]

@@ -13,7 +13,9 @@ from typing import Any
 from finetune_operator.core.desire import SpecProblem, check, parse_job
 
 
-def review(body: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> str | None:
+def review(
+    body: Mapping[str, Any], old: Mapping[str, Any] | None = None, placement_preset: str = "nvidia-gfd"
+) -> str | None:
     """None to admit `body`; otherwise the message to refuse it with.
 
     On update only a changed spec is judged: the controller and kopf write metadata and status of jobs
@@ -23,7 +25,7 @@ def review(body: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> str
     if old is not None and old.get("spec") == body.get("spec"):
         return None
     job = parse_job(body)
-    verdict = job if isinstance(job, SpecProblem) else check(job)
+    verdict = job if isinstance(job, SpecProblem) else check(job, placement_preset)
     if isinstance(verdict, SpecProblem):
         return f"{verdict.reason}: {verdict.message}"
     return None

@@ -15,17 +15,14 @@ from typing import Any
 from finetune_operator.api.models import FineTuneJob
 from finetune_operator.api.trainer import CONFIG_FILE
 from finetune_operator.core import names
-from finetune_operator.core.hardware import gpu_model
+from finetune_operator.core.placement import placement
 from finetune_operator.core.plan import Plan
+from finetune_operator.core.requests import binary_quantity
 from finetune_operator.core.torch_env import Rendezvous
 from finetune_operator.core.trainer_config import claims_of, render_trainer_config
 
-GPU_RESOURCE = "nvidia.com/gpu"
-#: GPU feature discovery labels (NVIDIA GFD), the ones placement reads.
-GFD_PRODUCT = "nvidia.com/gpu.product"
-GFD_MEMORY_MIB = "nvidia.com/gpu.memory"
-#: GPU nodes are commonly tainted so that only GPU work lands there.
-GPU_TOLERATION: dict[str, Any] = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+#: Where the hostname label lives: one worker per node is spread over it.
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
 @dataclass(frozen=True)
@@ -40,6 +37,8 @@ class RenderOptions:
     trainer_cluster_role: str | None = None
     #: The trainer image's user; fsGroup makes PVCs writable for it.
     run_as_user: int = 10001
+    #: How the cluster labels GPU nodes (`core/placement.py`: nvidia-gfd, gke or eks).
+    placement_preset: str = "nvidia-gfd"
     #: Seconds a worker gets after SIGTERM; the trainer saves a checkpoint on SIGTERM (exit code 75).
     termination_grace_seconds: int = 120
 
@@ -81,8 +80,11 @@ class Gang:
     tolerations: Sequence[Mapping[str, Any]]
     affinity: Mapping[str, Any] | None
     priority_class_name: str | None
-    labels: Mapping[str, str] = field(default_factory=dict)  # extra labels from plug-ins
-    annotations: Mapping[str, str] = field(default_factory=dict)  # extra annotations from plug-ins
+    scheduler_name: str | None = None
+    image_pull_secrets: Sequence[str] = ()
+    #: The job's pod labels and annotations, then plug-ins'; the operator's own are applied over them.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
     template_hash: str = ""
 
     @property
@@ -95,26 +97,24 @@ class Gang:
         )
 
 
-def placement_affinity(gpu_type: str | None, gpu_memory_gib: float | None) -> dict[str, Any] | None:
-    """Node affinity for the GPU the job asked for.
-
-    `gpuMemoryGiB` wins (the API says it overrides the product): any node whose GFD memory label is at
-    least that many MiB (`Gt` takes integers, so ≥ N is > N-1). Otherwise the product's GFD label.
-    """
-    if gpu_memory_gib is not None:
-        mib = -(-int(gpu_memory_gib * 1024 * 1000) // 1000)  # ceil without float noise
-        expression = {"key": GFD_MEMORY_MIB, "operator": "Gt", "values": [str(mib - 1)]}
-    elif gpu_type is not None:
-        expression = {"key": GFD_PRODUCT, "operator": "In", "values": [gpu_model(gpu_type).gfd_product]}
-    else:
-        return None
-    return {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [expression]}]
-            }
+def worker_affinity(
+    job: FineTuneJob, ref: JobRef, nodes: int, node_affinity: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The workers' affinity: the GPU placement (or the job's own nodeAffinity), and with several workers
+    one per node, which the plan assumes (each worker takes all of a node's planned GPUs); the job's own
+    podAffinity / podAntiAffinity replace that spread."""
+    own = dict(job.spec.affinity or {})
+    affinity: dict[str, Any] = dict(node_affinity or {})
+    if nodes > 1:
+        affinity["podAntiAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": names.selector_labels(ref.name)},
+                    "topologyKey": HOSTNAME_LABEL,
+                }
+            ]
         }
-    }
+    return affinity | own
 
 
 def config_data(job: FineTuneJob, planned: Plan) -> dict[str, str]:
@@ -127,13 +127,18 @@ def build_gang(job: FineTuneJob, ref: JobRef, planned: Plan, options: RenderOpti
     """The gang for one attempt of `job` as planned (raises TrainerConfigError for unusable URIs)."""
     spec = job.spec
     resources = spec.resources
+    placed = placement(resources.gpu_type, resources.gpu_memory_gi_b, options.placement_preset)
     gpus = str(planned.gpus_per_node)
-    requests: dict[str, str] = {GPU_RESOURCE: gpus}
-    limits: dict[str, str] = {GPU_RESOURCE: gpus}
+    requests: dict[str, str] = {placed.resource: gpus}
+    limits: dict[str, str] = {placed.resource: gpus}
     if resources.cpu:
         requests["cpu"] = resources.cpu
+    needs = planned.requests
     if resources.memory:
         requests["memory"] = limits["memory"] = resources.memory
+    else:  # the plan's estimate: requested, not limited (an estimate is no reason to OOM-kill)
+        requests["memory"] = binary_quantity(needs.memory_bytes)
+    requests["ephemeral-storage"] = binary_quantity(needs.ephemeral_storage_bytes)
     env: list[dict[str, Any]] = [
         {"name": names.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": names.ENV_POD_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -160,7 +165,8 @@ def build_gang(job: FineTuneJob, ref: JobRef, planned: Plan, options: RenderOpti
         # A job's own account is the job's business; the default one the operator provides everywhere.
         access_role=None if spec.service_account_name else options.trainer_cluster_role,
         run_as_user=options.run_as_user,
-        termination_grace_seconds=options.termination_grace_seconds,
+        termination_grace_seconds=spec.run_policy.termination_grace_period_seconds
+        or max(options.termination_grace_seconds, needs.checkpoint_seconds),
         shared_memory=resources.shared_memory,
         config_data=config_data(job, planned),
         mounts=mounts,
@@ -170,11 +176,16 @@ def build_gang(job: FineTuneJob, ref: JobRef, planned: Plan, options: RenderOpti
         resources={"requests": requests, "limits": limits},
         node_selector=dict(spec.node_selector),
         tolerations=[
-            GPU_TOLERATION,
+            # GPU nodes are commonly tainted with their resource name so that only GPU work lands there.
+            {"key": placed.resource, "operator": "Exists", "effect": "NoSchedule"},
             *(t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations),
         ],
-        affinity=placement_affinity(resources.gpu_type, resources.gpu_memory_gi_b),
+        affinity=worker_affinity(job, ref, planned.nodes, placed.affinity) or None,
         priority_class_name=spec.priority_class_name,
+        scheduler_name=spec.scheduler_name,
+        image_pull_secrets=tuple(spec.image_pull_secrets),
+        labels=dict(spec.pod_labels),
+        annotations=dict(spec.pod_annotations),
     )
 
 

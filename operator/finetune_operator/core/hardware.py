@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -24,13 +25,20 @@ class UnknownGpuError(ValueError):
 
 @dataclass(frozen=True)
 class GpuModel:
-    """One GPU product. `gfd_product` is the `nvidia.com/gpu.product` value nodes carry; `bf16` says
-    whether the hardware computes in bfloat16 (pre-Ampere NVIDIA cards do not, so fp16 is the choice)."""
+    """One GPU product. `resource` is the extended resource nodes advertise it as; `labels` the node
+    label values that mean it, per placement preset (`core/placement.py`); `bf16` says whether the
+    hardware computes in bfloat16 (pre-Ampere NVIDIA cards do not, so fp16 is the choice)."""
 
     name: str
     memory_bytes: int
-    gfd_product: str
+    resource: str
+    labels: Mapping[str, tuple[str, ...]]
     bf16: bool
+
+    @property
+    def gfd_product(self) -> str:
+        """The `nvidia.com/gpu.product` value of its main board variant."""
+        return self.labels["nvidia-gfd"][0]
 
 
 def _normalise(name: str) -> str:
@@ -48,9 +56,10 @@ def _catalogue() -> tuple[dict[str, GpuModel], dict[str, GpuModel]]:
     by_name: dict[str, GpuModel] = {}
     by_key: dict[str, GpuModel] = {}
     for name, entry in raw["gpus"].items():
-        model = GpuModel(name, int(entry["memory_mib"]) * MIB, entry["gfd_product"], bool(entry["bf16"]))
+        labels = {preset: tuple(values) for preset, values in entry["labels"].items()}
+        model = GpuModel(name, int(entry["memory_mib"]) * MIB, entry["resource"], labels, bool(entry["bf16"]))
         by_name[name] = model
-        for alias in (name, entry["gfd_product"], *entry["aliases"]):
+        for alias in (name, *labels["nvidia-gfd"], *entry["aliases"]):
             key = _normalise(alias)
             if key in by_key and by_key[key] is not model:
                 raise ValueError(f"GPU alias {alias!r} is ambiguous in gpus.json")
@@ -61,6 +70,11 @@ def _catalogue() -> tuple[dict[str, GpuModel], dict[str, GpuModel]]:
 def gpu_names() -> list[str]:
     """Canonical product names, in catalogue order (smallest memory first)."""
     return sorted(_catalogue()[0], key=lambda n: (_catalogue()[0][n].memory_bytes, n))
+
+
+def gpu_models() -> list[GpuModel]:
+    """Every product, smallest memory first."""
+    return [_catalogue()[0][name] for name in gpu_names()]
 
 
 def gpu_model(name: str) -> GpuModel:

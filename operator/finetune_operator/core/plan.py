@@ -17,6 +17,7 @@ from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
 from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
 from finetune_operator.core.hardware import gpu_model
+from finetune_operator.core.requests import WorkerRequests, worker_requests
 
 GIB = 1024**3
 #: The largest job the planner considers: beyond this a fine-tune is a pre-training run in disguise.
@@ -46,6 +47,8 @@ class Plan:
     estimate: MemoryEstimate
     gpu_type: str | None
     message: str
+    #: Host memory, local disk and checkpoint time per worker (core/requests.py).
+    requests: WorkerRequests
     suggestions: tuple[str, ...] = field(default=())
 
     @property
@@ -68,6 +71,9 @@ class Plan:
             per_gpu_bytes=self.per_gpu_bytes,
             usable_bytes=self.usable_bytes,
             host_bytes_per_node=self.host_bytes_per_node,
+            worker_memory_bytes=self.requests.memory_bytes,
+            worker_ephemeral_storage_bytes=self.requests.ephemeral_storage_bytes,
+            checkpoint_seconds=self.requests.checkpoint_seconds,
             breakdown=dict(self.estimate.breakdown),
             total_params=self.estimate.total_params,
             trainable_params=self.estimate.trainable_params,
@@ -146,6 +152,14 @@ def layout(gpus: int, gpus_per_node: int) -> tuple[int, int] | None:
     return nodes, gpus // nodes
 
 
+def full_nodes(gpus: int, gpus_per_node: int) -> int:
+    """A gang over several nodes takes all of each node's GPUs: 3 × 8 rather than 3 × 7 on 8-GPU nodes
+    costs the same nodes, leaves no GPU stranded beside it, and only lowers the per-GPU peak. A gang on
+    one node keeps its count (the rest of the node serves other jobs)."""
+    nodes = math.ceil(gpus / gpus_per_node)
+    return gpus if nodes == 1 else nodes * gpus_per_node
+
+
 def _configurations(spec: FineTuneJobSpec) -> list[tuple[int, Offload]]:
     """(ZeRO stage, offload) pairs to try, fastest first; offload needs ZeRO ≥ 1 and AdamW, parameters
     ZeRO-3; prefix and prompt tuning stop at ZeRO-2 (what the trainer can run)."""
@@ -214,14 +228,18 @@ def plan(
         if hit is not None and (best is None or hit[0] < best[0]):
             best = (hit[0], stage, offload, hit[1])
     if requested == "auto" and best is not None:
-        return _planned(best[0], best[1], best[2], best[3], gpn, usable, gpu_type, fits=True, note="")
+        gpus, stage, offload, result = best
+        whole = full_nodes(gpus, gpn)
+        if whole != gpus:  # the same nodes, all their GPUs: more memory per GPU to spare, never less
+            result = estimate(replace(base, zero_stage=stage, offload=offload, world_size=whole))
+        return _planned(spec, whole, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
     gpus = sizes[-1] if requested == "auto" else int(requested)
     tried = [
         (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus))) for s, o in configurations
     ]
     for stage, offload, result in tried:
         if result.per_gpu_bytes <= usable:
-            return _planned(gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
+            return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
     stage, offload, result = min(tried, key=lambda t: t[2].per_gpu_bytes)
     if requested == "auto":
         note = "does not fit on any GPU count up to the planner's limit"
@@ -236,10 +254,11 @@ def plan(
     suggestions = _suggestions(spec, arch, max_gpus) if explain else ()
     if suggestions:
         note += "; would fit: " + "; ".join(suggestions)
-    return _planned(gpus, stage, offload, result, gpn, usable, gpu_type, False, note, suggestions)
+    return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, False, note, suggestions)
 
 
 def _planned(
+    spec: FineTuneJobSpec,
     gpus: int,
     stage: int,
     offload: Offload,
@@ -259,11 +278,21 @@ def _planned(
         f"{'' if offload == Offload.NONE else f' with {offload.value} offload'}: "
         f"{result.per_gpu_bytes / GIB:.1f} GiB per GPU of {usable / GIB:.1f} GiB usable"
     )
+    requests = worker_requests(
+        spec,
+        gpus=gpus,
+        gpus_per_node=per_node,
+        zero_stage=stage,
+        host_offload_bytes_per_node=result.host_bytes * per_node,
+        total_params=result.total_params,
+        trainable_params=result.trainable_params,
+    )
     return Plan(
         fits=fits,
         gpus=gpus,
         nodes=nodes,
         gpus_per_node=per_node,
+        requests=requests,
         zero_stage=stage,
         offload=offload,
         usable_bytes=usable,

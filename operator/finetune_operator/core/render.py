@@ -128,16 +128,16 @@ def render_pod(gang: Gang, index: int) -> dict[str, Any]:
     name = names.worker_name(gang.job.name, index)
     volumes, volume_mounts = _volumes(gang)
     labels = {
+        **gang.labels,
         **_common_labels(gang),
         names.LABEL_COMPONENT: "worker",
         names.LABEL_REPLICA_INDEX: str(index),
         names.LABEL_ATTEMPT: str(gang.attempt),
-        **gang.labels,
     }
     annotations = {
+        **gang.annotations,
         names.ANNOTATION_GENERATION: str(gang.job.generation),
         **({names.ANNOTATION_TEMPLATE_HASH: gang.template_hash} if gang.template_hash else {}),
-        **gang.annotations,
     }
     container: dict[str, Any] = {
         "name": names.CONTAINER_NAME,
@@ -190,6 +190,10 @@ def render_pod(gang: Gang, index: int) -> dict[str, Any]:
         spec["affinity"] = json.loads(json.dumps(gang.affinity))
     if gang.priority_class_name:
         spec["priorityClassName"] = gang.priority_class_name
+    if gang.scheduler_name:
+        spec["schedulerName"] = gang.scheduler_name
+    if gang.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in gang.image_pull_secrets]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
