@@ -62,6 +62,14 @@ demo: cluster-up ## the README example end to end on the local cluster: plan, ru
 	    "---" "apiVersion: v1" "kind: PersistentVolumeClaim" "metadata: {name: $$c, namespace: demo}" \
 	    "spec: {accessModes: [ReadWriteMany], storageClassName: demo, volumeName: demo-$$c, resources: {requests: {storage: 1Gi}}}" \
 	  | kubectl apply -f - >/dev/null; done; \
+	until kubectl get validatingwebhookconfiguration finetune-operator.finetune.dev \
+	  -o jsonpath='{.webhooks[*].name}' 2>/dev/null | grep -q plan; do sleep 0.2; done; \
+	echo "--- a job that cannot fit is refused at apply, with the plan (the operator's admission webhook) ---"; \
+	sed -e 's/name: llama2-7b-alpaca-lora}/name: too-big}/' -e 's/microBatchSize: 4/microBatchSize: 64/' \
+	  -e 's/gradientCheckpointing: true/gradientCheckpointing: false/' \
+	  -e 's/gpuType: A100-80GB, gpusPerNode: 8, gpus: auto/gpuType: L4, gpusPerNode: 1, gpus: 1/' \
+	  examples/llama2-7b-alpaca-lora.yaml | kubectl -n demo apply -f - 2>&1 | fold -s -w 110 || true; \
+	echo "--- the README example is admitted, planned and run ---"; \
 	kubectl -n demo apply -f examples/llama2-7b-alpaca-lora.yaml; \
 	kubectl -n demo wait --for=jsonpath='{.status.phase}'=Running ftj/llama2-7b-alpaca-lora --timeout=120s; \
 	kubectl -n demo get ftj,pods -o wide; \

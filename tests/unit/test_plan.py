@@ -284,3 +284,19 @@ def test_offload_is_only_planned_for_adamw() -> None:
 @pytest.mark.parametrize(("gpus", "whole"), [(1, 1), (3, 3), (8, 8), (9, 16), (21, 24), (24, 24), (25, 32)])
 def test_a_gang_over_several_nodes_takes_whole_nodes(gpus: int, whole: int) -> None:
     assert full_nodes(gpus, 8) == whole
+
+
+def test_suggestions_are_not_repeated() -> None:
+    """Two variants can read alike once ZeRO-0 is left out of the label (seen in make demo)."""
+    job = spec(
+        **{
+            "resources.gpuType": "L4",
+            "resources.gpusPerNode": 1,
+            "resources.gpus": 1,
+            "training.microBatchSize": 64,
+            "training.gradientCheckpointing": False,
+        }
+    )
+    result = plan(job)
+    assert not result.fits and len(result.suggestions) >= 2
+    assert len(set(result.suggestions)) == len(result.suggestions)

@@ -347,4 +347,4 @@ def _suggestions(spec: FineTuneJobSpec, arch: ModelArchitecture, max_gpus: int) 
             steps = [zero if step == ZERO_PLACEHOLDER else step for step in label.split(" + ")]
             label = " + ".join(step for step in steps if step != "ZeRO-0")
             suggestions.append(f"{label} on {alternative.gpus} GPU{'s' if alternative.gpus > 1 else ''}")
-    return tuple(suggestions)
+    return tuple(dict.fromkeys(suggestions))  # variants that differ only in ZeRO-0 read the same
