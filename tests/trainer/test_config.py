@@ -307,6 +307,8 @@ class DataError(ValueError):
         (OutOfMemoryError("CUDA out of memory"), ExitCode.OUT_OF_MEMORY),
         (ConfigurationError("prefix + ZeRO-3"), ExitCode.CONFIG_ERROR),
         (DataError("no records"), ExitCode.CONFIG_ERROR),
+        (ImportError("FlashAttention2 requires flash_attn"), ExitCode.CONFIG_ERROR),
+        (ModuleNotFoundError("No module named 'flash_attn'"), ExitCode.CONFIG_ERROR),
         (RuntimeError("NCCL timeout"), ExitCode.RETRYABLE),
         (OSError("storage went away"), ExitCode.RETRYABLE),
     ],

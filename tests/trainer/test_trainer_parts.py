@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, Method, Offload, Optimizer
+from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, AttentionImpl, Method, Offload, Optimizer
 from finetune_operator.api.methods import NO_ZERO3_METHODS
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport, TrainerConfig
 from finetune_trainer import checkpoints, methods
@@ -268,3 +268,23 @@ def test_the_trainer_offloads_exactly_the_optimizers_the_api_allows(optimizer: O
     else:
         with pytest.raises(ConfigurationError, match=r"needs training\.optimizer adamw"):
             render_deepspeed_config(config)
+
+
+def test_an_attention_kernel_the_image_lacks_is_a_configuration_error_not_a_retry(
+    tiny_llama_dir: Path,
+) -> None:
+    """flash_attention_2 without the flash-attn package: every restart would fail the same way."""
+    from finetune_operator.api.exit_codes import ExitCode
+    from finetune_trainer.exit_codes import exit_code_for
+
+    config = config_for(tiny_llama_dir, {"type": "lora"})
+    config = config.model_copy(
+        update={
+            "model": config.model.model_copy(
+                update={"attention_implementation": AttentionImpl.FLASH_ATTENTION_2}
+            )
+        }
+    )
+    with pytest.raises(ImportError) as missing:
+        build(config)
+    assert exit_code_for(missing.value) is ExitCode.CONFIG_ERROR

@@ -30,7 +30,9 @@ def exit_code_for(error: BaseException) -> ExitCode:
     for cls in type(error).__mro__:
         if cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch"):
             return ExitCode.OUT_OF_MEMORY
-    if isinstance(error, ConfigurationError | ValidationError | YAMLError):
+    # A package the image lacks (flash-attn for attention flash_attention_2, a model's remote code's
+    # imports): the same image fails the same way on every restart.
+    if isinstance(error, ConfigurationError | ValidationError | YAMLError | ImportError):
         return ExitCode.CONFIG_ERROR
     # The data package raises DataError(ValueError) for unreadable or malformed data: permanent.
     if type(error).__name__ == "DataError":

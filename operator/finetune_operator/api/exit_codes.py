@@ -9,7 +9,8 @@ a shell usage error (2), or a signal death (128 + N, e.g. 137 for SIGKILL by the
 | 75   | RETRYABLE       | preempted/suspended (SIGTERM, checkpoint saved) or a | restart the gang,   |
 |      |                 | transient failure (network, storage, NCCL)           | counts to backoff   |
 | 78   | CONFIG_ERROR    | bad trainer config, bad data, unsupported method ×   | Failed, permanent   |
-|      |                 | ZeRO combination: retrying cannot help               |                     |
+|      |                 | ZeRO combination, a package the image lacks (e.g.    |                     |
+|      |                 | flash-attn): retrying cannot help                    |                     |
 | 79   | OUT_OF_MEMORY   | torch.OutOfMemoryError: the plan under-estimated     | Failed with a hint  |
 |      |                 |                                                      | (re-plan, more GPUs)|
 
@@ -50,7 +51,9 @@ EXIT_CODES: Mapping[ExitCode, ExitMeaning] = MappingProxyType(
             "Retryable", "preempted (checkpoint saved) or a transient failure", retryable=True
         ),
         ExitCode.CONFIG_ERROR: ExitMeaning(
-            "ConfigError", "the job as written cannot run (config, data, method × ZeRO)", retryable=False
+            "ConfigError",
+            "the job as written cannot run (config, data, method × ZeRO, a missing package)",
+            retryable=False,
         ),
         ExitCode.OUT_OF_MEMORY: ExitMeaning(
             "OutOfMemory", "the GPU ran out of memory: the plan under-estimated", retryable=False
