@@ -77,7 +77,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
         )
         def admit(body: kopf.Body, **kwargs: Any) -> None:
             # `old` is passed on updates only.
-            message = review(body, kwargs.get("old"), operator_settings.placement.preset)
+            message = review(body, kwargs.get("old"), operator_settings.render_options())
             if message is not None:
                 raise kopf.AdmissionError(message, code=422)
 

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from finetune_operator.core.admission import review
+from finetune_operator.core.admission import review as review_with
+from finetune_operator.settings import Settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llama2-7b-alpaca-lora.yaml"
+OPTIONS = Settings().render_options()
+
+
+def review(
+    body: dict[str, Any], old: dict[str, Any] | None = None, placement_preset: str = "nvidia-gfd"
+) -> str | None:
+    """The webhook's verdict under the operator's default settings, with the cluster's preset."""
+    return review_with(body, old, replace(OPTIONS, placement_preset=placement_preset))
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from finetune_operator.api.base import describe_validation_error
 from finetune_operator.api.models import FineTuneJob, PlanStatus
 from finetune_operator.core.gang import Gang, JobRef, Refine, RenderOptions, build_gang
-from finetune_operator.core.placement import placement
 from finetune_operator.core.plan import Plan, PlanningError, plan
 from finetune_operator.core.render import (
     render_configmap,
@@ -26,7 +25,7 @@ from finetune_operator.core.render import (
     template_hash,
 )
 from finetune_operator.core.torch_env import reserved_collisions
-from finetune_operator.core.trainer_config import TrainerConfigError, render_trainer_config
+from finetune_operator.core.trainer_config import TrainerConfigError
 
 
 @dataclass(frozen=True)
@@ -66,11 +65,9 @@ def parse_job(body: Mapping[str, Any]) -> FineTuneJob | SpecProblem:
         )
 
 
-def check(job: FineTuneJob, placement_preset: str = "nvidia-gfd") -> Plan | SpecProblem:
-    """Everything that decides whether a job can run, before anything is built: the reserved env, the
-    plan and its MemoryFits verdict, the trainer config its URIs make, and its GPU's placement under the
-    cluster's preset. The admission webhook answers `kubectl apply` with this; the controller fails a
-    job with it when the webhook was not asked."""
+def _checked_plan(job: FineTuneJob) -> Plan | SpecProblem:
+    """The plan, or why the job cannot run before anything is built: a reserved env name, a spec the
+    planner refuses, or its MemoryFits verdict."""
     collisions = reserved_collisions(item.name for item in job.spec.env)
     if collisions:
         return SpecProblem(
@@ -83,19 +80,15 @@ def check(job: FineTuneJob, placement_preset: str = "nvidia-gfd") -> Plan | Spec
         return SpecProblem("InvalidSpec", str(exc))
     if not planned.fits:
         return SpecProblem("MemoryFits", planned.message, planned.to_status())
-    try:
-        render_trainer_config(job, planned)
-        placement(job.spec.resources.gpu_type, job.spec.resources.gpu_memory_gi_b, placement_preset)
-    except (TrainerConfigError, ValueError) as exc:
-        return SpecProblem("InvalidSpec", str(exc), planned.to_status())
     return planned
 
 
 def desire(
     job: FineTuneJob, ref: JobRef, options: RenderOptions, attempt: int, refine: Refine = _identity
 ) -> Desired | SpecProblem:
-    """Plan, check and render one job for `attempt`; a SpecProblem says why it cannot run."""
-    planned = check(job, options.placement_preset)
+    """Plan, check and render one job for `attempt`; a SpecProblem says why it cannot run (the admission
+    webhook refuses `kubectl apply` with it, the controller fails the job with it)."""
+    planned = _checked_plan(job)
     if isinstance(planned, SpecProblem):
         return planned
     status = planned.to_status()
