@@ -4,7 +4,8 @@
 #   tools/build.sh [BIN_DIR] [GROUP...]
 #
 # Each GROUP is a directory under tools/ with its own go.mod/go.sum (tool directives name the
-# main packages). A group is rebuilt only when its go.mod, go.sum or this script changed since the
+# main packages; a group may hold its own small main.go, as coredns does, to pick plugins). A group
+# is rebuilt only when its go.mod, go.sum, *.go or this script changed since the
 # last build (a stamp file in BIN_DIR records the hash) or one of its binaries is missing; Go's
 # own build cache (GOCACHE, the user default) makes a rebuild after a version bump incremental.
 # Nothing is downloaded at run time except Go modules through the module proxy.
@@ -14,13 +15,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bin_dir="$(mkdir -p "${1:-$here/../.cache/bin}" && cd "${1:-$here/../.cache/bin}" && pwd)"
 shift || true
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(k8s etcd kwok helm prometheus)
+[[ ${#groups[@]} -gt 0 ]] || groups=(k8s etcd kwok helm prometheus coredns)
 
 go_bin="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 export CGO_ENABLED=0 GOFLAGS=-mod=readonly
 
 # Version stamps, as hack/lib/version.sh sets them for a release build.
-k8s_version() { sed -n 's/^require k8s.io\/kubernetes \(v[0-9.]*\)$/\1/p' "$here/k8s/go.mod"; }
+k8s_version() { sed -n 's/^require k8s.io\/kubernetes \(v[0-9.]*\).*$/\1/p' "$here/k8s/go.mod"; }
 k8s_ldflags() {
   local v major minor flags="" pkg
   v="$(k8s_version)"; major="${v#v}"; major="${major%%.*}"; minor="$(echo "$v" | cut -d. -f2)"
@@ -58,7 +59,9 @@ build_group() {
 
 for group in "${groups[@]}"; do
   stamp="$bin_dir/.stamp-$group"
-  want="$(cat "$here/$group/go.mod" "$here/$group/go.sum" "$here/build.sh" | sha256sum | cut -d' ' -f1)"
+  sources=("$here/$group/go.mod" "$here/$group/go.sum")
+  for f in "$here/$group/"*.go; do [[ -e "$f" ]] && sources+=("$f"); done
+  want="$(cat "${sources[@]}" "$here/build.sh" | sha256sum | cut -d' ' -f1)"
   fresh=1
   [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] || fresh=0
   for pkg in $(tool_pkgs "$group"); do

@@ -1,8 +1,10 @@
 """Start and stop the local Kubernetes control plane with fake GPU nodes.
 
     python tools/cluster/cluster.py up   [--name NAME] [--kubeconfig PATH] [--nodes FILE] [--crds DIR]
+                                         [--real-nodes N] [--real-gpus G]
     python tools/cluster/cluster.py down [--name NAME] [--kubeconfig PATH]
     python tools/cluster/cluster.py pids [--name NAME]
+    python tools/cluster/cluster.py load [--name NAME]     (images `make images` rebuilt, into real nodes)
 
 `make cluster-up` / `make cluster-down` call this; so does the e2e test fixture, with its own
 cluster name and kubeconfig. Every binary comes from `make tools` ($CACHE/bin, CACHE defaulting to
@@ -10,6 +12,10 @@ the repository's .cache): kwokctl runs etcd, kube-apiserver (authentication and 
 kube-controller-manager (all default controllers, so garbage collection), kube-scheduler and the
 KWOK controller as local processes, with the KWOK stages in tools/cluster/stages.yaml. Then this
 creates the fake GPU nodes described in tools/cluster/nodes.yaml and installs crds/*.yaml.
+
+With --real-nodes N (root only), N real kubelet nodes join them, each advertising G fake GPUs: containers
+really run there, from the images `make images` built (tools/cluster/realnode.py says how). KWOK manages
+only the fake nodes (those annotated kwok.x-k8s.io/node=fake).
 
 Nothing is downloaded. Cluster state lives under $CACHE/kwok/clusters/NAME.
 """
@@ -27,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import realnode
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +42,12 @@ CACHE = Path(os.environ.get("CACHE", REPO / ".cache")).resolve()
 BIN = CACHE / "bin"
 WORKDIR = CACHE / "kwok"
 DEFAULT_NAME = "finetune"
+#: containerd roots of real nodes, kept across clusters (the images in them are large and slow to load) and,
+#: like Go's and pip's caches and buildah's storage, across checkouts: a clean clone's CI run reuses them,
+#: and the disk holds one copy (about 15 GB per node).
+NODE_IMAGES = Path(
+    os.environ.get("FINETUNE_NODE_IMAGES", Path.home() / ".cache" / "finetune-operator" / "containerd")
+).resolve()
 DEFAULT_KUBECONFIG = CACHE / "kube" / "kubeconfig"
 
 # Which binary kwokctl gets for each of its --*-binary flags.
@@ -47,6 +60,10 @@ BINARIES = {
 }
 # The GPU resource and the node labels NVIDIA GPU feature discovery sets on real nodes.
 GPU_RESOURCE = "nvidia.com/gpu"
+#: Fake nodes carry this annotation (value "fake"); the KWOK controller manages only those (kwokctl.yaml).
+FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+#: The `kubernetes` Service's address in the API server's default service range (10.0.0.0/24).
+KUBERNETES_SERVICE_IP = "10.0.0.1"
 
 
 class ClusterError(RuntimeError):
@@ -127,7 +144,7 @@ def render_nodes(spec: dict[str, Any]) -> list[dict[str, Any]]:
                     "kind": "Node",
                     "metadata": {
                         "name": name,
-                        "annotations": {"kwok.x-k8s.io/node": "fake"},
+                        "annotations": {FAKE_NODE_ANNOTATION: "fake"},
                         "labels": labels
                         | {
                             "kubernetes.io/hostname": name,
@@ -151,10 +168,11 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def cluster_pids(name: str) -> list[int]:
+def cluster_pids(name: str, under: str = "") -> list[int]:
     """Live processes of this cluster: kwokctl's pid files, and any process whose command line
-    names the cluster's state directory (kwokctl starts every component that way)."""
-    marker = f"{cluster_dir(name)}/".encode()
+    names the cluster's state directory (kwokctl starts every component that way, and so does
+    realnode.py, under `nodes/`); with `under`, only those naming that subdirectory."""
+    marker = f"{cluster_dir(name)}/{under}".encode()
     pids = set()
     for pidfile in (cluster_dir(name) / "pids").glob("*.pid"):
         try:
@@ -178,8 +196,30 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None, timeout: flo
     return run([str(BIN / "kubectl"), "--kubeconfig", str(kubeconfig), *args], stdin=stdin, timeout=timeout)
 
 
-def up(name: str, kubeconfig: Path, nodes_file: Path, crds_dir: Path) -> None:
-    missing = [b for b in [*BINARIES.values(), "kwokctl", "kubectl"] if not (BIN / b).exists()]
+def kwokctl_config(name: str, net: realnode.Network | None) -> Path:
+    """kwokctl's options for this cluster: tools/cluster/kwokctl.yaml, or with real nodes an API server
+    whose certificate also names the `kubernetes` Service's ClusterIP and the address nodes reach it at
+    (realnode.py forwards that address to the loopback one)."""
+    if net is None:
+        return HERE / "kwokctl.yaml"
+    conf = yaml.safe_load((HERE / "kwokctl.yaml").read_text())
+    conf["options"]["kubeApiserverCertSANs"] = [KUBERNETES_SERVICE_IP, net.api_address]
+    # The `kubernetes` Service's endpoint, which pods reach through kube-proxy.
+    apiserver = next(p for p in conf["componentsPatches"] if p["name"] == "kube-apiserver")
+    apiserver["extraArgs"].append({"key": "advertise-address", "value": net.api_address})
+    path = CACHE / "kube" / f"{name}.kwokctl.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def up(
+    name: str, kubeconfig: Path, nodes_file: Path, crds_dir: Path, real_nodes: int = 0, real_gpus: int = 2
+) -> None:
+    binaries = [*BINARIES.values(), "kwokctl", "kubectl"]
+    if real_nodes:
+        binaries += ["kubelet", "kube-proxy", "coredns"]
+    missing = [b for b in binaries if not (BIN / b).exists()]
     if missing:
         raise ClusterError(f"missing {', '.join(missing)} in {BIN}: run `make tools` first")
     nodes = render_nodes(yaml.safe_load(nodes_file.read_text()))
@@ -190,16 +230,19 @@ def up(name: str, kubeconfig: Path, nodes_file: Path, crds_dir: Path) -> None:
     kubeconfig.unlink(missing_ok=True)
 
     start = time.monotonic()
+    net = realnode.Network.for_cluster(name) if real_nodes else None
     log(f"starting control plane {name} (state in {cluster_dir(name)})")
-    args = [str(BIN / "kwokctl"), "--name", name, "--config", str(HERE / "kwokctl.yaml")]
+    args = [str(BIN / "kwokctl"), "--name", name, "--config", str(kwokctl_config(name, net))]
     args += ["--config", str(HERE / "stages.yaml")]
     args += ["create", "cluster", "--runtime", "binary", "--quiet-pull"]
     args += [f"--{flag}-binary={BIN / binary}" for flag, binary in BINARIES.items()]
     args += ["--secure-port=true", "--kube-authorization=true", "--kube-admission=true"]
     args += ["--kubeconfig", str(kubeconfig), "--wait", "120s", "--timeout", "180s"]
     try:
+        if net is not None:
+            realnode.prepare_network(net, log)
         run(args, timeout=240)
-    except (ClusterError, subprocess.TimeoutExpired) as err:
+    except (ClusterError, realnode.NodeError, subprocess.TimeoutExpired) as err:
         logs = cluster_dir(name) / "logs"
         tails = (
             "".join(
@@ -221,6 +264,23 @@ def up(name: str, kubeconfig: Path, nodes_file: Path, crds_dir: Path) -> None:
         log(f"installing {len(crds)} CRD file(s) from {crds_dir}")
         kubectl(kubeconfig, "apply", "--server-side", *[a for c in crds for a in ("-f", str(c))])
         kubectl(kubeconfig, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    if net is not None:
+        try:
+            names = realnode.start(
+                cluster_dir(name),
+                net,
+                count=real_nodes,
+                gpus=real_gpus,
+                kubeconfig=kubeconfig,
+                bin_dir=BIN,
+                kubectl=lambda *a: kubectl(kubeconfig, *a),
+                log=log,
+                images_dir=NODE_IMAGES,
+            )
+        except realnode.NodeError as err:
+            down(name, kubeconfig)
+            raise ClusterError(str(err)) from err
+        log(f"real nodes {', '.join(names)} joined ({real_gpus} fake GPUs each, {realnode.GPU_PRODUCT})")
     kubectl(kubeconfig, "wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
     # Pods can only be created once the service-account controller made the default account.
     deadline = time.monotonic() + 60
@@ -237,7 +297,13 @@ def up(name: str, kubeconfig: Path, nodes_file: Path, crds_dir: Path) -> None:
 
 
 def down(name: str, kubeconfig: Path) -> None:
-    """Delete the cluster and wait until none of its processes is left."""
+    """Delete the cluster and wait until none of its processes is left; with real nodes, first their
+    containers, then mounts, cgroups and the network namespace."""
+    net = realnode.Network.for_cluster(name)
+    if net.netns_path.exists() or realnode.node_cgroups(name):
+        realnode.stop(
+            cluster_dir(name), net, NODE_IMAGES, lambda: stop_pids(name, set(cluster_pids(name, "nodes/")))
+        )
     pids = set(cluster_pids(name))
     if cluster_dir(name).exists():
         try:
@@ -247,6 +313,18 @@ def down(name: str, kubeconfig: Path) -> None:
             )
         except (ClusterError, subprocess.TimeoutExpired) as err:
             log(f"kwokctl delete failed, stopping the processes ourselves: {err}")
+    stop_pids(name, pids)
+    if cluster_dir(name).exists():
+        subprocess.run(["rm", "-rf", str(cluster_dir(name))], check=False)
+    kubeconfig.unlink(missing_ok=True)
+    log(f"cluster {name} is down")
+
+
+def stop_pids(name: str, pids: set[int]) -> None:
+    """Wait for the processes to end (SIGTERM first if kwokctl did not stop them), then SIGKILL."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     # kwokctl sends SIGKILL and does not wait; a process is gone once it is no longer alive
     # (while exiting, its command line is already empty, so wait on the pids seen before).
     deadline = time.monotonic() + 15
@@ -261,30 +339,33 @@ def down(name: str, kubeconfig: Path) -> None:
         time.sleep(0.1)
     if left:
         raise ClusterError(f"processes {sorted(set(left))} of cluster {name} did not exit")
-    if cluster_dir(name).exists():
-        subprocess.run(["rm", "-rf", str(cluster_dir(name))], check=False)
-    kubeconfig.unlink(missing_ok=True)
-    log(f"cluster {name} is down")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["up", "down", "pids"])
+    parser.add_argument("command", choices=["up", "down", "pids", "load"])
     parser.add_argument("--name", default=DEFAULT_NAME, help="cluster name (default: %(default)s)")
     parser.add_argument("--kubeconfig", type=Path, default=DEFAULT_KUBECONFIG, help="kubeconfig to write")
     parser.add_argument("--nodes", type=Path, default=HERE / "nodes.yaml", help="fake node pools")
     parser.add_argument("--crds", type=Path, default=REPO / "crds", help="directory of CRD YAML files")
+    parser.add_argument("--real-nodes", type=int, default=0, help="real kubelet nodes (default: %(default)s)")
+    parser.add_argument(
+        "--real-gpus", type=int, default=2, help="fake GPUs per real node (default: %(default)s)"
+    )
     opts = parser.parse_args(argv)
     try:
         if opts.command == "up":
-            up(opts.name, opts.kubeconfig.resolve(), opts.nodes, opts.crds)
+            up(opts.name, opts.kubeconfig.resolve(), opts.nodes, opts.crds, opts.real_nodes, opts.real_gpus)
         elif opts.command == "down":
             down(opts.name, opts.kubeconfig.resolve())
+        elif opts.command == "load":
+            net = realnode.Network.for_cluster(opts.name)
+            realnode.load_images(realnode.running_nodes(cluster_dir(opts.name), net, NODE_IMAGES), log)
         else:
             print(" ".join(map(str, cluster_pids(opts.name))))
-    except ClusterError as err:
+    except (ClusterError, realnode.NodeError) as err:
         print(f"[cluster] error: {err}", file=sys.stderr)
         return 1
     return 0
