@@ -165,6 +165,16 @@ def build(config: TrainerConfig) -> torch.nn.Module:
     return method.apply(base, config)
 
 
+def test_a_model_path_missing_on_the_volume_is_a_configuration_error(tmp_path: Path) -> None:
+    from finetune_operator.api.exit_codes import ExitCode
+    from finetune_trainer.exit_codes import ConfigurationError, exit_code_for
+    from finetune_trainer.model import model_source
+
+    with pytest.raises(ConfigurationError, match="not a directory on the volume") as raised:
+        model_source(config_for(tmp_path / "not-there", {"type": "lora"}))
+    assert exit_code_for(raised.value) == ExitCode.CONFIG_ERROR
+
+
 def test_freeze_trains_only_the_last_layers(tiny_llama_dir: Path) -> None:
     model = build(config_for(tiny_llama_dir, {"type": "freeze", "freeze": {"trainableLayers": 1}}))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

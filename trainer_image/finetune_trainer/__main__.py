@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         from finetune_trainer.config import load_config
 
         config = load_config(args.config)
-        select_accelerator()
+        if select_accelerator() == "cpu":
+            log.info("no CUDA device: training on CPU, gloo process group (DeepSpeed's CPU accelerator)")
         from finetune_trainer import recipe
 
         return int(recipe.run(config))

@@ -33,8 +33,14 @@ def torch_dtype(precision: Precision) -> torch.dtype:
 
 
 def model_source(config: TrainerConfig) -> str:
-    """The local directory when the operator resolved one, else the hub id (hf://ORG/NAME or model.name)."""
+    """The local directory when the operator resolved one, else the hub id (hf://ORG/NAME or model.name).
+    A local directory that is not there is the job's mistake (a wrong path on the volume): without this
+    check transformers would take the path for a hub id and fail as if the network had."""
     if config.paths.model is not None:
+        if not os.path.isdir(config.paths.model):
+            raise ConfigurationError(
+                f"model: {config.model.uri} (mounted at {config.paths.model}) is not a directory on the volume"
+            )
         return config.paths.model
     uri = config.model.uri
     if uri is not None and uri.startswith("hf://"):

@@ -197,8 +197,8 @@ class ProgressReport(ApiModel):
             total_steps=self.total_steps,
             epoch=self.epoch,
             percent=percent,
-            loss=self.loss,
-            eval_loss=self.eval_loss,
+            loss=significant(self.loss),
+            eval_loss=significant(self.eval_loss),
             learning_rate=self.learning_rate,
             tokens_per_second=self.tokens_per_second,
             peak_memory_bytes=self.peak_memory_bytes,
@@ -206,6 +206,12 @@ class ProgressReport(ApiModel):
             display=f"{percent}% ({self.step}/{self.total_steps})",
             updated_at=self.updated_at,
         )
+
+
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """A loss to `digits` significant digits: what a kubectl column shows (5.753, not 5.753318023681641);
+    the trainer's metrics keep full precision."""
+    return None if value is None else float(f"{value:.{digits}g}")
 
 
 def format_duration(seconds: float) -> str:
