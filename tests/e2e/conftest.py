@@ -42,10 +42,13 @@ class Cluster:
     kubeconfig: Path
     api_client: ApiClient
 
-    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run our kubectl build against this cluster."""
         return subprocess.run(
             [str(BIN / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=120,

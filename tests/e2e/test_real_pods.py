@@ -1,0 +1,322 @@
+"""FineTuneJobs trained by real pods: the chart's operator image as a pod, the trainer image on real kubelet
+nodes (tools/cluster/realnode.py), a tiny Llama on hostPath volumes, CPU and gloo.
+
+One cluster for this module (`finetune-real`, two real nodes with two fake GPUs each, next to the fake
+ones), the operator installed by the chart from the images `make images` built, watching two namespaces
+that nothing prepares but their volumes: the chart's defaults must make the trainer's ServiceAccount there.
+Each test's job is the demo's (examples/demo.yaml): two workers, one per real node, rendezvous over the
+headless Service's DNS names.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi, V1Namespace, V1ObjectMeta
+
+from finetune_operator.api.exit_codes import ExitCode, describe
+from finetune_operator.api.models import GROUP, PLURAL, VERSION
+from finetune_operator.api.trainer import SUMMARY_FILE
+from trainer.tiny_models import build_tiny_llama, write_text_data
+from trainer.tokenizer import build_tiny_tokenizer
+
+from .conftest import BIN, CACHE, REPO, Cluster, cluster_script
+
+pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
+
+NAME = os.environ.get("E2E_REAL_CLUSTER_NAME", "finetune-real")
+RELEASE_NAMESPACE = "finetune-system"
+NAMESPACES = ("team-a", "team-b")
+TRAINER_UID = 10001
+DEMO = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
+#: Two CPU workers on two cores: start-up (torch, DeepSpeed, the tiny model) is most of a run.
+JOB_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def real_cluster() -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("real nodes need root (network namespaces, mounts, cgroups)")
+    kubeconfig = CACHE / "kube" / f"{NAME}.kubeconfig"
+    names = ["--name", NAME, "--kubeconfig", str(kubeconfig)]
+    up = cluster_script("up", *names, "--real-nodes", "2", "--real-gpus", "2", timeout=1800)
+    if up.returncode != 0:
+        cluster_script("down", *names, timeout=300)
+        pytest.fail(
+            f"the cluster with real nodes did not start (make images first?):\n{up.stderr}", pytrace=False
+        )
+    client: ApiClient = kube_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        yield Cluster(NAME, kubeconfig, client)
+    finally:
+        client.close()  # type: ignore[no-untyped-call]
+        down = cluster_script("down", *names, timeout=300)
+        left = cluster_script("pids", "--name", NAME, timeout=30).stdout.split()
+        assert down.returncode == 0, f"cluster-down failed:\n{down.stderr}"
+        assert not left, f"processes of cluster {NAME} left after down: {left}"
+
+
+@pytest.fixture(scope="module")
+def volumes(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per namespace, `models` (the tiny Llama, and outputs) and `datasets` claims on hostPath volumes:
+    both real nodes are this machine, so a hostPath is shared storage here."""
+    root = tmp_path_factory.mktemp("real-volumes")
+    root.chmod(0o755)
+    build_tiny_tokenizer(root / "tokenizer")
+    core = CoreV1Api(real_cluster.api_client)
+    dirs = {}
+    for ns in NAMESPACES:
+        core.create_namespace(V1Namespace(metadata=V1ObjectMeta(name=ns)))
+        base = root / ns
+        build_tiny_llama(base / "models" / "tiny-llama", root / "tokenizer")
+        (base / "datasets").mkdir(parents=True)
+        write_text_data(base / "datasets" / "sentences.jsonl", repeats=64)
+        for dirpath, _, files in os.walk(base):
+            os.chown(dirpath, TRAINER_UID, TRAINER_UID)
+            for name in files:
+                os.chown(os.path.join(dirpath, name), TRAINER_UID, TRAINER_UID)
+        for claim in ("models", "datasets"):
+            pv = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": f"{ns}-{claim}"},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "local",
+                    "hostPath": {"path": str(base / claim)},
+                    "claimRef": {"namespace": ns, "name": claim},
+                },
+            }
+            pvc = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": ns},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "local",
+                    "volumeName": f"{ns}-{claim}",
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            }
+            real_cluster.kubectl(
+                "apply", "-f", "-", stdin=json.dumps({"kind": "List", "apiVersion": "v1", "items": [pv, pvc]})
+            )
+        dirs[ns] = base
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def operator(real_cluster: Cluster, volumes: dict[str, Path]) -> Iterator[None]:
+    """The chart, installed as a user would, with the images built here and fast restarts."""
+    namespaces = ",".join(NAMESPACES)
+    helm = [str(BIN / "helm"), "--kubeconfig", str(real_cluster.kubeconfig)]
+    args = ["upgrade", "--install", "finetune", str(REPO / "charts" / "finetune-operator")]
+    args += ["-n", RELEASE_NAMESPACE, "--create-namespace", "--wait", "--timeout", "300s"]
+    for key, value in {
+        "image.repository": "localhost/finetune/operator",
+        "image.tag": "dev",
+        "image.pullPolicy": "Never",
+        "trainerImage": "localhost/finetune/trainer:dev",
+        "replicaCount": "1",
+        "watchNamespaces": "{" + namespaces + "}",
+        "settings.resyncSeconds": "2",
+        "settings.restartBackoffSeconds": "1",
+    }.items():
+        args += ["--set", f"{key}={value}"]
+    done = subprocess.run([*helm, *args], capture_output=True, text=True, timeout=400, check=False)
+    if done.returncode != 0:
+        pods = real_cluster.kubectl("-n", RELEASE_NAMESPACE, "describe", "pods", check=False).stdout
+        pytest.fail(f"helm install failed: {done.stderr}\n{pods[-3000:]}", pytrace=False)
+    yield
+    subprocess.run(
+        [*helm, "uninstall", "finetune", "-n", RELEASE_NAMESPACE], capture_output=True, timeout=120
+    )
+
+
+def job_manifest(name: str, **changes: Any) -> dict[str, Any]:
+    """examples/demo.yaml under another name, with top-level spec blocks merged from `changes`."""
+    job = copy.deepcopy(DEMO)
+    job["metadata"] = {"name": name}
+    for block, value in changes.items():
+        if isinstance(value, dict):
+            job["spec"].setdefault(block, {}).update(value)
+        else:
+            job["spec"][block] = value
+    job["spec"]["output"] = {"uri": f"pvc://models/{name}"}
+    return job
+
+
+class Jobs:
+    def __init__(self, cluster: Cluster, namespace: str, root: Path) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.root = root
+        self.api = CustomObjectsApi(cluster.api_client)
+        self.core = CoreV1Api(cluster.api_client)
+
+    def apply(self, job: dict[str, Any]) -> None:
+        self.cluster.kubectl("-n", self.namespace, "apply", "-f", "-", stdin=json.dumps(job))
+
+    def get(self, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.api.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return obj
+
+    def patch(self, name: str, spec: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def wait(
+        self, name: str, what: str, done: Callable[[dict[str, Any]], bool], timeout: float = JOB_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """Poll the job until `done(job)`; on timeout, fail with its status and the workers' log tails."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(name)
+            if done(job):
+                return job
+            if time.monotonic() > deadline:
+                logs = self.cluster.kubectl(
+                    "-n",
+                    self.namespace,
+                    "logs",
+                    "-l",
+                    f"finetune.dev/job-name={name}",
+                    "--tail=25",
+                    check=False,
+                )
+                raise AssertionError(
+                    f"{name}: not {what} in {timeout:.0f}s; status:\n{json.dumps(job.get('status'), indent=1)}\n"
+                    f"logs:\n{logs.stdout}{logs.stderr}"
+                )
+            time.sleep(0.5)
+
+    def output(self, name: str) -> Path:
+        return self.root / "models" / name
+
+
+def phase(job: dict[str, Any]) -> str | None:
+    return job.get("status", {}).get("phase")
+
+
+def step(job: dict[str, Any]) -> int:
+    return int(job.get("status", {}).get("progress", {}).get("step", 0))
+
+
+def condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in job.get("status", {}).get("conditions", []) if c["type"] == kind), None)
+
+
+@pytest.fixture
+def team_a(real_cluster: Cluster, volumes: dict[str, Path], operator: None) -> Jobs:
+    return Jobs(real_cluster, NAMESPACES[0], volumes[NAMESPACES[0]])
+
+
+@pytest.fixture
+def team_b(real_cluster: Cluster, volumes: dict[str, Path], operator: None) -> Jobs:
+    return Jobs(real_cluster, NAMESPACES[1], volumes[NAMESPACES[1]])
+
+
+def summary(jobs: Jobs, name: str) -> dict[str, Any]:
+    """The trainer's training_summary.json in the job's output directory (on the hostPath volume)."""
+    result: dict[str, Any] = json.loads((jobs.output(name) / SUMMARY_FILE).read_text())
+    return result
+
+
+def kill_trainer(jobs: Jobs, pod: str) -> None:
+    """SIGKILL the training process inside a worker, as the kernel's OOM killer or a crash would."""
+    script = (
+        "import os, signal\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+        "    if b'finetune-train' in cmd and b'finetune-launch' not in cmd:\n"
+        "        os.kill(int(pid), signal.SIGKILL)\n"
+    )
+    jobs.cluster.kubectl("-n", jobs.namespace, "exec", pod, "--", "python", "-c", script)
+
+
+def test_the_demo_job_trains_in_real_pods_to_succeeded(team_a: Jobs) -> None:
+    """Progress moves while it runs, the loss falls, both workers ran on real nodes on CPU, the adapter is
+    saved; the trainer's ServiceAccount was made by the operator in a namespace nobody prepared."""
+    team_a.apply(job_manifest("demo"))
+    running = team_a.wait("demo", "training", lambda j: phase(j) == "Running" and step(j) > 0)
+    job = team_a.wait("demo", "Succeeded", lambda j: phase(j) in ("Succeeded", "Failed"))
+    assert phase(job) == "Succeeded", job["status"]
+    assert step(job) == DEMO["spec"]["training"]["maxSteps"] > step(running)
+
+    pods = team_a.core.list_namespaced_pod(
+        team_a.namespace, label_selector="finetune.dev/job-name=demo"
+    ).items
+    assert sorted(p.spec.node_name for p in pods) == ["real-1", "real-2"]
+    assert all(p.status.phase == "Succeeded" for p in pods)
+    team_a.core.read_namespaced_service_account("finetune-trainer", team_a.namespace)
+
+    losses = [loss for _, loss in summary(team_a, "demo")["lossHistory"]]
+    assert len(losses) >= 4 and losses[-1] < 0.95 * losses[0], losses
+    assert (team_a.output("demo") / "adapter_model.safetensors").stat().st_size > 0
+    log = team_a.core.read_namespaced_pod_log("demo-worker-0", team_a.namespace)
+    assert "training on CPU, gloo" in log, log[-2000:]
+
+
+def test_a_killed_worker_restarts_the_gang_from_the_newest_checkpoint(team_b: Jobs) -> None:
+    team_b.apply(job_manifest("killed", training={"maxSteps": 100}, checkpointing={"saveSteps": 20}))
+
+    def checkpointed(job: dict[str, Any]) -> bool:
+        return int((job.get("status", {}).get("lastCheckpoint") or {}).get("step", 0)) >= 20
+
+    before = team_b.wait("killed", "past a checkpoint", checkpointed)
+    kill_trainer(team_b, "killed-worker-1")
+    done = team_b.wait("killed", "finished", lambda j: phase(j) in ("Succeeded", "Failed"))
+    assert phase(done) == "Succeeded", done["status"]
+    assert done["status"]["restarts"] == 1
+    # The second attempt started from a checkpoint at or after the one seen before the kill, not from 0.
+    resumed = summary(team_b, "killed")["resumedFromStep"]
+    assert resumed is not None and resumed >= before["status"]["lastCheckpoint"]["step"], summary(
+        team_b, "killed"
+    )
+
+
+def test_suspend_saves_a_checkpoint_on_sigterm_and_resume_continues_from_it(team_a: Jobs) -> None:
+    """saveSteps is past the end: the only checkpoint is the one SIGTERM made when the job was suspended."""
+    team_a.apply(job_manifest("paused", training={"maxSteps": 80}, checkpointing={"saveSteps": 1000}))
+    team_a.wait("paused", "training", lambda j: phase(j) == "Running" and step(j) >= 20)
+    team_a.patch("paused", {"runPolicy": {"suspend": True}})
+    team_a.wait("paused", "Suspended", lambda j: phase(j) == "Suspended", timeout=180)
+    # The workers are deleted at once and save their checkpoint while they terminate.
+    deadline = time.monotonic() + 180
+    while team_a.core.list_namespaced_pod(
+        team_a.namespace, label_selector="finetune.dev/job-name=paused"
+    ).items:
+        assert time.monotonic() < deadline, "suspended workers did not exit within 180s"
+        time.sleep(0.5)
+    saved = sorted(
+        int(p.name.split("-")[-1]) for p in (team_a.output("paused") / "checkpoints").glob("checkpoint-*")
+    )
+    assert saved and saved[-1] >= 20, saved
+
+    team_a.patch("paused", {"runPolicy": {"suspend": False}})
+    done = team_a.wait("paused", "finished", lambda j: phase(j) in ("Succeeded", "Failed"))
+    assert phase(done) == "Succeeded", done["status"]
+    result = summary(team_a, "paused")
+    assert result["resumedFromStep"] == saved[-1], result
+    assert result["stepsThisAttempt"] == 80 - saved[-1], result
+
+
+def test_a_configuration_error_fails_at_once_without_a_retry(team_b: Jobs) -> None:
+    team_b.apply(job_manifest("no-model", model={"uri": "pvc://models/not-there"}))
+    job = team_b.wait("no-model", "finished", lambda j: phase(j) in ("Succeeded", "Failed"), timeout=240)
+    assert phase(job) == "Failed"
+    failed = condition(job, "Failed")
+    assert failed is not None and failed["reason"] == describe(ExitCode.CONFIG_ERROR), job["status"]
+    assert job["status"].get("restarts", 0) == 0
