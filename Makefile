@@ -64,7 +64,7 @@ tools: ## build kube-*, kubelet, kube-proxy, kubectl, etcd, kwok(ctl), helm, pro
 node-deps: ## install the host packages real nodes and image builds need (containerd, runc, CNI, buildah, ...)
 	tools/cluster/install-node-deps.sh
 
-# Rebuilt only when their inputs change (stamps in $(CACHE)/images); buildah's own storage keeps the layers.
+# Rebuilt only when their inputs change (a label on each image in buildah's storage, shared by every checkout).
 images: node-deps tools ## build the trainer and operator images with buildah from a debootstrap Debian base
 	CACHE=$(CACHE) tools/images/build.sh
 

@@ -5,12 +5,14 @@
 finetune-e2e) so it never touches a cluster started by hand, and tears it down at the end,
 checking that none of its processes is left. The binaries come from `make tools` (`make test`
 builds them first). If the cluster cannot start, every test that needs it fails with the reason.
+`running_cluster` is that lifecycle for any cluster: test_real_pods.py starts one with real nodes.
 
 `namespace` gives each test a fresh namespace and deletes it (and waits for that) afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -67,24 +69,32 @@ def cluster_script(*args: str, timeout: float = UP_TIMEOUT_S) -> subprocess.Comp
     )
 
 
+@contextlib.contextmanager
+def running_cluster(name: str, *up_args: str, hint: str, timeout: float = UP_TIMEOUT_S) -> Iterator[Cluster]:
+    """`cluster.py up NAME UP_ARGS`, the cluster while the block runs, then `down`, checking that none of
+    its processes is left. If it cannot start, the test fails with the reason (and `hint`)."""
+    kubeconfig = CACHE / "kube" / f"{name}.kubeconfig"
+    names = ["--name", name, "--kubeconfig", str(kubeconfig)]
+    up = cluster_script("up", *names, *up_args, timeout=timeout)
+    if up.returncode != 0:
+        cluster_script("down", *names, timeout=300)
+        pytest.fail(f"the local cluster {name} did not start ({hint}):\n{up.stderr}", pytrace=False)
+    api_client: ApiClient = kube_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        yield Cluster(name, kubeconfig, api_client)
+    finally:
+        api_client.close()  # type: ignore[no-untyped-call]
+        down = cluster_script("down", *names, timeout=300)
+        left = cluster_script("pids", "--name", name, timeout=30).stdout.split()
+        assert down.returncode == 0, f"cluster-down failed:\n{down.stderr}"
+        assert not left, f"processes of cluster {name} left after down: {left}"
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """One local cluster (4 fake nodes x 8 nvidia.com/gpu, CRDs installed) for the test session."""
-    kubeconfig = CACHE / "kube" / f"{E2E_CLUSTER_NAME}.kubeconfig"
-    names = ["--name", E2E_CLUSTER_NAME, "--kubeconfig", str(kubeconfig)]
-    up = cluster_script("up", *names)
-    if up.returncode != 0:
-        cluster_script("down", *names, timeout=120)
-        pytest.fail(f"the local cluster did not start (make tools first?):\n{up.stderr}", pytrace=False)
-    api_client: ApiClient = kube_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-    try:
-        yield Cluster(E2E_CLUSTER_NAME, kubeconfig, api_client)
-    finally:
-        api_client.close()  # type: ignore[no-untyped-call]
-        down = cluster_script("down", *names, timeout=120)
-        left = cluster_script("pids", "--name", E2E_CLUSTER_NAME, timeout=30).stdout.split()
-        assert down.returncode == 0, f"cluster-down failed:\n{down.stderr}"
-        assert not left, f"processes of cluster {E2E_CLUSTER_NAME} left after down: {left}"
+    with running_cluster(E2E_CLUSTER_NAME, hint="make tools first?") as up:
+        yield up
 
 
 def wait_for_default_service_account(core: CoreV1Api, namespace: str, timeout: float = 60) -> None:

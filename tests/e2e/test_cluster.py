@@ -268,11 +268,13 @@ def test_make_cluster_up_and_down_leave_nothing_behind(cluster: Cluster, tmp_pat
     """`make cluster-up`, `kubectl get nodes`, `make cluster-down` as a user runs them.
 
     Uses its own cluster name and kubeconfig; `-o` keeps make from re-running setup/tools
-    (the session fixture already needs both).
+    (the session fixture already needs both); fake nodes only (REAL_NODES=0, so no images): the same
+    script with real nodes is test_real_pods.py's cluster.
     """
     name = f"finetune-make-{uuid.uuid4().hex[:4]}"
     kubeconfig = tmp_path / "kubeconfig"
-    make = ["make", "-o", "setup", "-o", "tools", f"CLUSTER_NAME={name}", f"CLUSTER_KUBECONFIG={kubeconfig}"]
+    make = ["make", "-o", "setup", "-o", "tools", "-o", "images", "REAL_NODES=0"]
+    make += [f"CLUSTER_NAME={name}", f"CLUSTER_KUBECONFIG={kubeconfig}"]
     env = {**os.environ, "CACHE": str(CACHE)}
     pids: list[int] = []
     try:

@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import config as kube_config
-from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi, V1Namespace, V1ObjectMeta
+from kubernetes.client import CoreV1Api, CustomObjectsApi, V1Namespace, V1ObjectMeta
 
 from finetune_operator.api.exit_codes import ExitCode, describe
 from finetune_operator.api.models import GROUP, PLURAL, VERSION
@@ -30,7 +29,7 @@ from finetune_operator.api.trainer import SUMMARY_FILE
 from trainer.tiny_models import build_tiny_llama, write_text_data
 from trainer.tokenizer import build_tiny_tokenizer
 
-from .conftest import BIN, CACHE, REPO, Cluster, cluster_script
+from .conftest import BIN, REPO, Cluster, running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
 
@@ -47,23 +46,10 @@ JOB_TIMEOUT_S = 420
 def real_cluster() -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("real nodes need root (network namespaces, mounts, cgroups)")
-    kubeconfig = CACHE / "kube" / f"{NAME}.kubeconfig"
-    names = ["--name", NAME, "--kubeconfig", str(kubeconfig)]
-    up = cluster_script("up", *names, "--real-nodes", "2", "--real-gpus", "2", timeout=1800)
-    if up.returncode != 0:
-        cluster_script("down", *names, timeout=300)
-        pytest.fail(
-            f"the cluster with real nodes did not start (make images first?):\n{up.stderr}", pytrace=False
-        )
-    client: ApiClient = kube_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-    try:
-        yield Cluster(NAME, kubeconfig, client)
-    finally:
-        client.close()  # type: ignore[no-untyped-call]
-        down = cluster_script("down", *names, timeout=300)
-        left = cluster_script("pids", "--name", NAME, timeout=30).stdout.split()
-        assert down.returncode == 0, f"cluster-down failed:\n{down.stderr}"
-        assert not left, f"processes of cluster {NAME} left after down: {left}"
+    with running_cluster(
+        NAME, "--real-nodes", "2", "--real-gpus", "2", hint="make images first?", timeout=1800
+    ) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,9 @@ discovery sets, so the operator's pods land on them; no device plugin runs, so n
 Nothing is pulled: the sandbox (pause) image and the project's images come from buildah's storage
 (`make images`). `stop` ends every process by cgroup and PID, unmounts, and removes cgroups and netns.
 
+For a development machine only: kubelets, kube-proxy and CoreDNS use the admin kubeconfig, and a kubelet
+serves anyone who reaches its address (only this host and the cluster's pods can).
+
 Settings that were hard failures until set are marked "required" (../shared/reference/real-nodes.md).
 """
 

@@ -10,9 +10,10 @@
 #   trainer   Dockerfile.trainer with BASE_IMAGE=base  (production builds keep the CUDA base)
 #   operator  Dockerfile.operator with BASE_IMAGE=python
 #
-# An image is rebuilt only when its inputs changed: a stamp in $CACHE/images/NAME.stamp records the hash of
-# its input files, its base image's ID and this script, and the image must still be in buildah's storage.
-# Each build writes $CACHE/images/NAME.json: {image, id, seconds, bytes} (bench/images.py collects them).
+# An image is rebuilt only when its inputs changed: the hash of its input files, its base image's ID and
+# RECIPE is a label on the image (dev.finetune.inputs), so buildah's storage, which every checkout on the
+# machine shares, is the cache: a clean clone's CI run rebuilds nothing that another checkout built.
+# Each build writes $CACHE/images/NAME.json: {image, id, seconds, size}.
 # The node's containerd gets the images when the local cluster starts (tools/cluster/realnode.py).
 set -euo pipefail
 
@@ -30,6 +31,10 @@ mkdir -p "$out"
 
 # The references the cluster loads; keep in step with tools/cluster/realnode.py and the chart values
 # the e2e tests and `make demo` set.
+# Bump when how an image is made changes in a way its input files do not show.
+RECIPE=1
+LABEL=dev.finetune.inputs
+
 declare -A ref=(
   [base]="localhost/finetune/debian:$suite"
   [python]="localhost/finetune/python:3.11"
@@ -39,26 +44,26 @@ declare -A ref=(
 )
 
 image_id() { buildah inspect --type image --format '{{.FromImageID}}' "$1" 2>/dev/null || true; }
+inputs_label() { buildah inspect --type image --format "{{index .OCIv1.Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
 
 # hash of files (paths relative to the repo; directories walked, caches skipped) and extra words
 inputs_hash() {
   local files=() extra=()
   for a in "$@"; do if [[ -e "$repo/$a" ]]; then files+=("$a"); else extra+=("$a"); fi; done
   { [[ ${#files[@]} == 0 ]] || (cd "$repo" && find "${files[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
-      | sort -z | xargs -0 sha256sum); printf '%s\n' "${extra[@]+"${extra[@]}"}"; sha256sum "$repo/tools/images/build.sh"; } \
+      | sort -z | xargs -0 sha256sum); printf '%s\n' "${extra[@]+"${extra[@]}"}" "$RECIPE"; } \
     | sha256sum | cut -d' ' -f1
 }
 
-# build NAME HASH CMD...: run CMD unless the stamp matches and the image exists; record time and size
+# build NAME HASH CMD...: run CMD (with WANT=HASH, the label it must set) unless the image has that label
 build() {
   local name="$1" want="$2"; shift 2
-  local stamp="$out/$name.stamp"
-  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -n "$(image_id "${ref[$name]}")" ]]; then
+  if [[ "$(inputs_label "${ref[$name]}")" == "$want" ]]; then
     echo "$name: up to date (${ref[$name]})" >&2; return
   fi
   echo "$name: building ${ref[$name]}" >&2
   local start old; start=$(date +%s); old="$(image_id "${ref[$name]}")"
-  "$@"
+  WANT="$want" "$@"
   # The image this one replaces: gigabytes for the trainer; its cached intermediate layers stay.
   if [[ -n "$old" && "$old" != "$(image_id "${ref[$name]}")" ]]; then buildah rmi "$old" >/dev/null 2>&1 || true; fi
   local secs=$(( $(date +%s) - start )) id bytes
@@ -66,7 +71,6 @@ build() {
   bytes="$(buildah images --format '{{.ID}} {{.Size}}' --noheading "${ref[$name]}" | head -1 | cut -d' ' -f2-)"
   printf '{"image": "%s", "id": "%s", "seconds": %d, "size": "%s"}\n' "${ref[$name]}" "$id" "$secs" "$bytes" \
     > "$out/$name.json"
-  echo "$want" > "$stamp"
   echo "$name: built in ${secs}s ($bytes)" >&2
 }
 
@@ -83,7 +87,7 @@ build_base() {
   # pip, requests and curl inside builds trust what the host trusts (a proxy's CA among them).
   local ca=/usr/local/share/ca-certificates/host-ca-bundle.crt
   buildah config --env PIP_CERT=$ca --env SSL_CERT_FILE=$ca --env REQUESTS_CA_BUNDLE=$ca \
-    --env DEBIAN_FRONTEND=noninteractive --cmd /bin/bash "$c"
+    --env DEBIAN_FRONTEND=noninteractive --cmd /bin/bash --label "$LABEL=$WANT" "$c"
   buildah commit --quiet --rm "$c" "${ref[base]}" >/dev/null
   rm -rf "$rootfs"
 }
@@ -93,6 +97,7 @@ build_python() {
   buildah run "$c" -- sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends \
       python3.11 python3.11-venv >/dev/null && rm -rf /var/lib/apt/lists/* \
       && ln -s /usr/bin/python3.11 /usr/local/bin/python'
+  buildah config --label "$LABEL=$WANT" "$c"
   buildah commit --quiet --rm "$c" "${ref[python]}" >/dev/null
 }
 
@@ -101,13 +106,14 @@ build_pause() {
   gcc -Os -Wall -Werror -static -DVERSION=local -o "$bin/pause" "$k8s_mod/build/pause/linux/pause.c"
   local c; c=$(buildah from scratch)
   buildah copy --quiet "$c" "$bin/pause" /pause >/dev/null
-  buildah config --entrypoint '["/pause"]' --user 65535:65535 "$c"
+  buildah config --entrypoint '["/pause"]' --user 65535:65535 --label "$LABEL=$WANT" "$c"
   buildah commit --quiet --rm "$c" "${ref[pause]}" >/dev/null
   rm -rf "$bin"
 }
 
 build_dockerfile() {  # NAME DOCKERFILE BASE
-  buildah bud --quiet --layers -f "$repo/$2" --build-arg "BASE_IMAGE=${ref[$3]}" -t "${ref[$1]}" "$repo" >/dev/null
+  buildah bud --quiet --layers -f "$repo/$2" --build-arg "BASE_IMAGE=${ref[$3]}" --label "$LABEL=$WANT" \
+    -t "${ref[$1]}" "$repo" >/dev/null
 }
 
 images=("$@")

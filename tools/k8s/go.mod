@@ -5,7 +5,7 @@ module finetune.dev/tools/k8s
 
 go 1.26.0
 
-require k8s.io/kubernetes v1.37.2 // indirect
+require k8s.io/kubernetes v1.37.2
 
 require (
 	cel.dev/expr v0.25.1 // indirect
