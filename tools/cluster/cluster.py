@@ -4,7 +4,6 @@
                                          [--real-nodes N] [--real-gpus G]
     python tools/cluster/cluster.py down [--name NAME] [--kubeconfig PATH]
     python tools/cluster/cluster.py pids [--name NAME]
-    python tools/cluster/cluster.py load [--name NAME]     (images `make images` rebuilt, into real nodes)
 
 `make cluster-up` / `make cluster-down` call this; so does the e2e test fixture, with its own
 cluster name and kubeconfig. Every binary comes from `make tools` ($CACHE/bin, CACHE defaulting to
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["up", "down", "pids", "load"])
+    parser.add_argument("command", choices=["up", "down", "pids"])
     parser.add_argument("--name", default=DEFAULT_NAME, help="cluster name (default: %(default)s)")
     parser.add_argument("--kubeconfig", type=Path, default=DEFAULT_KUBECONFIG, help="kubeconfig to write")
     parser.add_argument("--nodes", type=Path, default=HERE / "nodes.yaml", help="fake node pools")
@@ -360,9 +359,6 @@ def main(argv: list[str] | None = None) -> int:
             up(opts.name, opts.kubeconfig.resolve(), opts.nodes, opts.crds, opts.real_nodes, opts.real_gpus)
         elif opts.command == "down":
             down(opts.name, opts.kubeconfig.resolve())
-        elif opts.command == "load":
-            net = realnode.Network.for_cluster(opts.name)
-            realnode.load_images(realnode.running_nodes(cluster_dir(opts.name), net, NODE_IMAGES), log)
         else:
             print(" ".join(map(str, cluster_pids(opts.name))))
     except (ClusterError, realnode.NodeError) as err:

@@ -395,21 +395,14 @@ def load_image(nodes: list[Node], image: str) -> list[Node]:
     """Stream an image from buildah's storage into the nodes' containerd (no archive on disk; one push
     feeds every node), skipping nodes that loaded the same image ID before; the nodes it loaded."""
     image_id = sh(["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", image]).strip()
-
-    def marker(node: Node) -> Path:
-        return node.images / "loaded" / image.replace("/", "_").replace(":", "_")
-
     todo = [
         node
         for node in nodes
-        if not (marker(node).exists() and marker(node).read_text() == image_id)
+        if not (loaded_marker(node, image).exists() and loaded_marker(node, image).read_text() == image_id)
         or image not in ctr(node, "images", "ls", "-q")
     ]
     if not todo:
         return []
-    for node in todo:  # free the old image's gigabytes before the new one arrives
-        if image in ctr(node, "images", "ls", "-q"):
-            ctr(node, "images", "rm", "--sync", image, check=False)
     push = subprocess.Popen(
         ["buildah", "push", "--quiet", image, f"docker-archive:/dev/stdout:{image}"],
         stdout=subprocess.PIPE,
@@ -435,26 +428,50 @@ def load_image(nodes: list[Node], image: str) -> list[Node]:
         if load.returncode:
             errors.append(f"{node.name}: {out}")
         else:
-            marker(node).parent.mkdir(parents=True, exist_ok=True)
-            marker(node).write_text(image_id)
+            loaded_marker(node, image).parent.mkdir(parents=True, exist_ok=True)
+            loaded_marker(node, image).write_text(image_id)
     if errors:
         raise NodeError(f"loading {image} failed: {'; '.join(errors)}")
     return todo
 
 
-def load_images(nodes: list[Node], log: Log) -> None:
-    """The sandbox image and whichever project images buildah has, into every node that lacks them."""
+def loaded_marker(node: Node, image: str) -> Path:
+    """Where a node records the ID of the image it loaded under that name."""
+    return node.images / "loaded" / image.replace("/", "_").replace(":", "_")
+
+
+def project_images() -> dict[str, str]:
+    """Image name -> ID of the sandbox image and the project images buildah has."""
     if not buildah_has(PAUSE_IMAGE):
         raise NodeError(f"no {PAUSE_IMAGE} in buildah's storage: run `make images` first")
-    for image in [PAUSE_IMAGE] + [image for image in PROJECT_IMAGES if buildah_has(image)]:
+    return {
+        image: sh(["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", image]).strip()
+        for image in [PAUSE_IMAGE, *PROJECT_IMAGES]
+        if buildah_has(image)
+    }
+
+
+def drop_stale_images(node: Node, images: dict[str, str], log: Log) -> None:
+    """Start a node's containerd root afresh when an image it holds was rebuilt. A changed image is loaded
+    whole anyway (a few minutes for the trainer), and containerd does not reliably give back the old
+    one's snapshots: two generations of the trainer image filled this machine's disk."""
+    stale = [
+        image
+        for image, image_id in images.items()
+        if loaded_marker(node, image).exists() and loaded_marker(node, image).read_text() != image_id
+    ]
+    if stale and node.images.exists():
+        log(f"{node.name}: {', '.join(stale)} changed; starting its image store afresh")
+        shutil.rmtree(node.images)
+
+
+def load_images(nodes: list[Node], log: Log) -> None:
+    """The sandbox image and whichever project images buildah has, into every node that lacks them."""
+    for image in project_images():
         started = time.monotonic()
         if loaded := load_image(nodes, image):
             names = ", ".join(node.name for node in loaded)
             log(f"loaded {image} into {names} in {time.monotonic() - started:.0f}s")
-
-
-def running_nodes(cluster_dir: Path, net: Network, images_dir: Path) -> list[Node]:
-    return [node for node in all_nodes(cluster_dir, net, images_dir) if node.socket.exists()]
 
 
 def make_cgroup_root(node: Node) -> None:
@@ -526,6 +543,9 @@ def start(
     procs.start("kube-proxy", [str(bin_dir / "kube-proxy"), "--config", str(dns_dir / "kube-proxy.yaml")])
 
     nodes = all_nodes(cluster_dir, net, images_dir, count, gpus)
+    images = project_images()
+    for node in nodes:
+        drop_stale_images(node, images, log)
     for node in nodes:
         for sub in ("net.d", "ipam", "pod-logs", "volume-plugins", "kubelet"):
             (node.root / sub).mkdir(parents=True, exist_ok=True)
@@ -639,8 +659,9 @@ def unmount_under(root: Path) -> None:
 def stop(cluster_dir: Path, net: Network, images_dir: Path, stop_pids: Callable[[], None]) -> None:
     """Everything `start` and `prepare_network` made: containers, processes, mounts, cgroups, netns."""
     kill_containers(net.cluster)
-    for node in running_nodes(cluster_dir, net, images_dir):
-        forget_containers(node)
+    for node in all_nodes(cluster_dir, net, images_dir):
+        if node.socket.exists():
+            forget_containers(node)
     stop_pids()
     kill_containers(net.cluster)
     if cluster_dir.exists():
