@@ -62,7 +62,7 @@ sleep 1; kill $watch 2>/dev/null || true
 
 step "where the pods ran, and what the trainer said"
 kubectl -n "$ns" get pods -o wide
-kubectl -n "$ns" logs demo-worker-0 | grep -E "finetune_trainer|train_runtime" | cut -c1-160 || true
+kubectl -n "$ns" logs demo-worker-0 | grep -E "finetune_trainer|train_samples_per_second" | cut -c1-160 || true
 kubectl -n "$ns" get events --field-selector involvedObject.kind=FineTuneJob
 
 step "the adapter, and a line generated with it"
