@@ -391,15 +391,13 @@ def ctr(node: Node, *args: str, check: bool = True) -> str:
     return sh(["ctr", "--address", str(node.socket), "-n", "k8s.io", *args], check=check)
 
 
-def load_image(nodes: list[Node], image: str) -> list[Node]:
+def load_image(nodes: list[Node], image: str, image_id: str) -> list[Node]:
     """Stream an image from buildah's storage into the nodes' containerd (no archive on disk; one push
     feeds every node), skipping nodes that loaded the same image ID before; the nodes it loaded."""
-    image_id = sh(["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", image]).strip()
     todo = [
         node
         for node in nodes
-        if not (loaded_marker(node, image).exists() and loaded_marker(node, image).read_text() == image_id)
-        or image not in ctr(node, "images", "ls", "-q")
+        if loaded_id(node, image) != image_id or image not in ctr(node, "images", "ls", "-q")
     ]
     if not todo:
         return []
@@ -440,6 +438,11 @@ def loaded_marker(node: Node, image: str) -> Path:
     return node.images / "loaded" / image.replace("/", "_").replace(":", "_")
 
 
+def loaded_id(node: Node, image: str) -> str | None:
+    marker = loaded_marker(node, image)
+    return marker.read_text() if marker.exists() else None
+
+
 def project_images() -> dict[str, str]:
     """Image name -> ID of the sandbox image and the project images buildah has."""
     if not buildah_has(PAUSE_IMAGE):
@@ -455,21 +458,17 @@ def drop_stale_images(node: Node, images: dict[str, str], log: Log) -> None:
     """Start a node's containerd root afresh when an image it holds was rebuilt. A changed image is loaded
     whole anyway (a few minutes for the trainer), and containerd does not reliably give back the old
     one's snapshots: two generations of the trainer image filled this machine's disk."""
-    stale = [
-        image
-        for image, image_id in images.items()
-        if loaded_marker(node, image).exists() and loaded_marker(node, image).read_text() != image_id
-    ]
+    stale = [image for image, image_id in images.items() if loaded_id(node, image) not in (None, image_id)]
     if stale and node.images.exists():
         log(f"{node.name}: {', '.join(stale)} changed; starting its image store afresh")
         shutil.rmtree(node.images)
 
 
-def load_images(nodes: list[Node], log: Log) -> None:
+def load_images(nodes: list[Node], images: dict[str, str], log: Log) -> None:
     """The sandbox image and whichever project images buildah has, into every node that lacks them."""
-    for image in project_images():
+    for image, image_id in images.items():
         started = time.monotonic()
-        if loaded := load_image(nodes, image):
+        if loaded := load_image(nodes, image, image_id):
             names = ", ".join(node.name for node in loaded)
             log(f"loaded {image} into {names} in {time.monotonic() - started:.0f}s")
 
@@ -562,7 +561,7 @@ def start(
             30,
             cluster_dir / "logs" / f"containerd-{node.name}.log",
         )
-    load_images(nodes, log)
+    load_images(nodes, images, log)
     for node in nodes:
         make_cgroup_root(node)
         labels = ",".join(f"{k}={v}" for k, v in node_labels(node).items())
