@@ -47,7 +47,7 @@ build_group() {
     helm) local v; v="$(mod_version helm.sh/helm/v3 helm)"
       ldflags+=" -X helm.sh/helm/v3/internal/version.version=${v}" ;;
     prometheus) local v; v="$(mod_version github.com/prometheus/prometheus prometheus)"
-      ldflags+=" -X github.com/prometheus/common/version.Version=${v}"; tags="remove_all_sd" ;;
+      ldflags+=" -X github.com/prometheus/common/version.Version=${v}"; tags="remove_all_sd,enable_kubernetes_sd" ;;
   esac
   echo "building $group: $(echo $pkgs | tr '\n' ' ')" >&2
   if [[ $(echo $pkgs | wc -w) == 1 ]]; then  # one package: name the binary explicitly (etcd)

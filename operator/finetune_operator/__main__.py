@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = build_settings(args)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
-    metrics = build_metrics()
+    metrics = build_metrics(retention_seconds=settings.metrics.finished_retention_seconds)
     controller = Controller(settings, JobApi(connect(args.kubeconfig)), metrics)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller, settings)

@@ -25,6 +25,7 @@ from finetune_operator.api.models import FineTuneJobStatus
 from finetune_operator.core.desire import SpecProblem, desire, parse_job
 from finetune_operator.core.gang import JobRef
 from finetune_operator.core.lifecycle import Actions, reconcile, rejected
+from finetune_operator.core.status import parse_time
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import refiner_for
 from finetune_operator.settings import Settings
@@ -154,8 +155,14 @@ class Controller:
         for event in actions.events:
             logger.info("%s: %s", event.reason, event.message)
             events.post(body, event)
-        restarted = actions.status.restarts > read_status(body).restarts
-        self.metrics.observe(namespace, name, actions.status, restarted=restarted)
+        self.metrics.observe(
+            namespace,
+            name,
+            read_status(body),
+            actions.status,
+            created=parse_time(body["metadata"].get("creationTimestamp")),
+            deadline_seconds=((body.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds"),
+        )
         return not actions.delete_job, actions.requeue_after
 
     async def _sleep(self, waker: asyncio.Event, delay: float | None) -> None:

@@ -35,6 +35,9 @@ class TimingSettings:
     error_backoff_seconds: float = 1.0
     #: The cap on that wait: long enough not to hammer a struggling API server, short enough to recover.
     error_backoff_max_seconds: float = 60.0
+    #: Seconds a running job's step may stay put before it is marked Stalled (a job's
+    #: runPolicy.progressDeadlineSeconds overrides it): half an hour covers loading a large model.
+    stalled_after_seconds: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class MetricsSettings:
     port: int = 8080
     #: Port of kopf's liveness endpoint (/healthz); 0 disables it.
     health_port: int = 8081
+    #: Seconds a finished job's per-job series stay after its completionTime (alerts and dashboards get
+    #: a last look; the series count follows running jobs, not the job history).
+    finished_retention_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,7 @@ class Settings:
         return LifecyclePolicy(
             restart_backoff_seconds=self.restarts.backoff_seconds,
             restart_backoff_max_seconds=self.restarts.backoff_max_seconds,
+            stalled_after_seconds=self.timing.stalled_after_seconds,
         )
 
 

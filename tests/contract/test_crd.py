@@ -75,7 +75,7 @@ def test_int_or_string_fields_and_cel_rules() -> None:
 def test_printer_columns_cover_what_kubectl_get_shows() -> None:
     version = build_crd()["spec"]["versions"][0]
     names = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) == 0]
-    assert names == ["Phase", "Method", "GPUs", "Nodes", "Progress", "Loss", "ETA", "Age"]
+    assert names == ["Phase", "Method", "GPUs", "Nodes", "Progress", "Loss", "ETA", "Restarts", "Age"]
     assert version["subresources"] == {"status": {}}
 
 

@@ -124,12 +124,16 @@ def test_a_failing_api_server_never_stops_training(caplog: pytest.LogCaptureFixt
 
 def test_metrics_are_served_and_registered_only_when_created() -> None:
     metrics = start_metrics("job-a", rank=0, port=0)
-    metrics.update(ProgressReport(step=7, total_steps=10, loss=1.25, tokens_per_second=99.0))
+    metrics.update(ProgressReport(step=7, total_steps=10, loss=1.25, tokens=4000))
+    metrics.update(ProgressReport(step=8, total_steps=10, loss=1.2, tokens=4600))
     assert metrics.port is not None
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=5).read().decode()
-    assert 'finetune_trainer_step{job_name="job-a",rank="0"} 7.0' in body
-    assert 'finetune_trainer_loss{job_name="job-a",rank="0"} 1.25' in body
-    assert "finetune_trainer_tokens_per_second" in body and "finetune_trainer_gpu_memory_peak_bytes" in body
+    assert 'finetune_trainer_step{job_name="job-a",rank="0"} 8.0' in body
+    assert 'finetune_trainer_loss{job_name="job-a",rank="0"} 1.2' in body
+    # Throughput is a counter (its rate), counted up to the reported cumulative total, not summed twice.
+    assert 'finetune_trainer_tokens_total{job_name="job-a",rank="0"} 4600.0' in body
+    assert "# TYPE finetune_trainer_tokens_total counter" in body
+    assert "finetune_trainer_gpu_memory_peak_bytes" in body
     # A second set (another rank in the same process) does not collide: each has its own registry.
     start_metrics("job-a", rank=1, port=None).update(ProgressReport(step=1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -99,7 +100,8 @@ def test_a_running_gang_seen_again_changes_nothing() -> None:
     """Re-adoption: an operator restarted mid-job finds its pods and neither creates nor writes."""
     first = run(running_status(phase=Phase.SCHEDULING), [pod_doc(0), pod_doc(1)])
     again = run(first.status, [pod_doc(0), pod_doc(1)], now_offset=30)
-    assert again == Actions(status=first.status, status_changed=False)
+    # nothing to do but look again when the step would have stalled
+    assert again == Actions(status=first.status, status_changed=False, requeue_after=1800 - 30)
 
 
 def test_only_missing_workers_are_created() -> None:
@@ -391,3 +393,60 @@ def test_conditions_keep_their_order_and_old_ones_are_untouched() -> None:
     status = running_status(conditions=[Condition(type="Custom", status="True", reason="X")])
     actions = run(status, [pod_doc(0), pod_doc(1)])
     assert [c.type for c in actions.status.conditions][:1] == ["Custom"]
+
+
+def step_report(step: int, total: int = 100) -> str:
+    return json.dumps({"step": step, "totalSteps": total, "elapsedSeconds": 10.0, "stepsThisAttempt": step})
+
+
+def test_a_running_job_whose_step_stops_moving_is_stalled_until_it_moves_again() -> None:
+    def at(step: int) -> list[dict[str, Any]]:
+        return [pod_doc(0, progress=step_report(step)), pod_doc(1)]
+
+    first = run(running_status(), at(5))
+    assert first.status.progress is not None and first.status.progress.step_updated_at == rfc3339(NOW)
+    assert condition(first, "Stalled") is None
+    assert first.requeue_after == pytest.approx(POLICY.stalled_after_seconds)  # looks again exactly then
+    quiet = run(first.status, at(5), now_offset=1799)
+    assert condition(quiet, "Stalled") is None and quiet.requeue_after == pytest.approx(1)
+    stalled = run(quiet.status, at(5), now_offset=1800)
+    assert condition(stalled, "Stalled") == ("True", "NoProgress")
+    assert stalled.status.phase == "Running" and stalled.delete_pods == ()  # a warning, not a failure
+    assert reasons(stalled) == ["Stalled"]
+    assert "step 5 has not moved since 2025-01-02T03:04:05Z" in stalled.events[0].message
+    still = run(stalled.status, at(5), now_offset=2400)
+    assert not still.status_changed and still.events == ()  # one event, and no status write per look
+    moving = run(still.status, at(6), now_offset=2401)
+    assert condition(moving, "Stalled") == ("False", "Progressing")
+    assert moving.status.progress is not None
+    assert moving.status.progress.step_updated_at == rfc3339(NOW + timedelta(seconds=2401))
+
+
+def test_the_stall_clock_starts_when_the_gang_runs_and_a_job_may_shorten_it() -> None:
+    # no report yet (model loading): counted from the Running condition, with the job's own deadline
+    quiet = run(
+        running_status(), [pod_doc(0), pod_doc(1)], now_offset=59, runPolicy={"progressDeadlineSeconds": 60}
+    )
+    assert condition(quiet, "Stalled") is None
+    stalled = run(
+        quiet.status, [pod_doc(0), pod_doc(1)], now_offset=60, runPolicy={"progressDeadlineSeconds": 60}
+    )
+    assert condition(stalled, "Stalled") == ("True", "NoProgress")
+    # every other phase clears it: here a suspension
+    suspended = run(stalled.status, [], runPolicy={"suspend": True})
+    assert condition(suspended, "Stalled") == ("False", "Suspended")
+
+
+def test_a_job_past_its_last_step_is_saving_not_stalled() -> None:
+    done = run(running_status(), [pod_doc(0, progress=step_report(100)), pod_doc(1)], now_offset=5000)
+    assert condition(done, "Stalled") is None
+
+
+def test_the_eta_goes_when_the_gang_stops_running() -> None:
+    report = '{"step":40,"totalSteps":100,"elapsedSeconds":80,"stepsThisAttempt":40}'
+    running = run(running_status(), [pod_doc(0, progress=report), pod_doc(1)])
+    assert running.status.progress is not None and running.status.progress.eta_seconds == 120
+    failed = run(running.status, [pod_doc(0, progress=report, phase="Failed", exit_code=1), pod_doc(1)])
+    assert failed.status.phase == "Restarting"
+    assert failed.status.progress is not None
+    assert (failed.status.progress.display, failed.status.progress.eta) == ("40% (40/100)", None)

@@ -11,12 +11,9 @@ import pytest
 from kopf._core.intents.handlers import DaemonHandler
 from kubernetes.client.exceptions import ApiException
 from operator_fixtures import NOW, job_doc, pod_doc
-from prometheus_client import generate_latest
 
 from finetune_operator import handlers
 from finetune_operator.adapters.kube import classify
-from finetune_operator.api.enums import Offload
-from finetune_operator.api.models import FineTuneJobStatus, PlanStatus, ProgressStatus
 from finetune_operator.controller import Controller, decide
 from finetune_operator.metrics import build_metrics
 from finetune_operator.settings import Settings, from_env
@@ -81,43 +78,6 @@ def test_settings_from_env_by_group_and_field() -> None:
 def test_settings_reject_malformed_values() -> None:
     with pytest.raises(ValueError, match="FINETUNE_TIMING_RESYNC_SECONDS"):
         from_env({"FINETUNE_TIMING_RESYNC_SECONDS": "soon"})
-
-
-def test_metrics_follow_jobs_and_forget_deleted_ones() -> None:
-    metrics = build_metrics()
-    plan = PlanStatus(
-        fits=True,
-        gpus=16,
-        nodes=2,
-        gpus_per_node=8,
-        zero_stage=2,
-        offload=Offload.NONE,
-        per_gpu_bytes=1,
-        usable_bytes=2,
-    )
-    status = FineTuneJobStatus(
-        phase="Running",
-        restarts=1,
-        plan=plan,
-        progress=ProgressStatus(step=25, total_steps=100, loss=1.5, tokens_per_second=900.0),
-    )
-    metrics.observe("ns", "a", status, restarted=True)
-    metrics.observe("ns", "b", FineTuneJobStatus(phase="Failed"))
-    sample = metrics.registry.get_sample_value
-    assert sample("finetune_jobs", {"phase": "Running"}) == 1
-    assert sample("finetune_jobs", {"phase": "Failed"}) == 1
-    assert sample("finetune_job_phase", {"namespace": "ns", "job": "a", "phase": "Running"}) == 1
-    assert sample("finetune_job_phase", {"namespace": "ns", "job": "a", "phase": "Pending"}) == 0
-    assert sample("finetune_job_planned_gpus", {"namespace": "ns", "job": "a"}) == 16
-    assert sample("finetune_job_progress_ratio", {"namespace": "ns", "job": "a"}) == 0.25
-    assert sample("finetune_job_loss", {"namespace": "ns", "job": "a"}) == 1.5
-    assert sample("finetune_job_tokens_per_second", {"namespace": "ns", "job": "a"}) == 900
-    assert sample("finetune_gang_restarts_total", {"namespace": "ns"}) == 1
-    metrics.forget("ns", "a")
-    assert sample("finetune_jobs", {"phase": "Running"}) == 0
-    assert b'job="a"' not in generate_latest(metrics.registry)
-    # two sets never collide: nothing is registered at import time
-    assert build_metrics().registry is not metrics.registry
 
 
 def test_the_job_daemon_puts_no_finalizer_on_jobs() -> None:

@@ -98,7 +98,10 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
                         },
                     ],
-                    "ports": [{"name": "rendezvous", "containerPort": 29500}],
+                    "ports": [
+                        {"name": "rendezvous", "containerPort": 29500},
+                        {"name": "metrics", "containerPort": 9464},  # what the chart's PodMonitor scrapes
+                    ],
                     # host memory from the plan (16Gi /dev/shm + 4 processes x 6 GiB), requested not limited;
                     # local disk for logs and compiled ops (the model is on a PVC: nothing to download)
                     "resources": {

@@ -211,6 +211,7 @@ def test_progress_comes_from_the_trainers_report_and_survives_rank0_going_away()
         percent=25,
         loss=1.25,
         eta="5m00s",
+        eta_seconds=300,
         display="25% (50/200)",
         updated_at="2025-01-02T03:04:00Z",
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, PROGRESS_FILE, ProgressReport, TrainerConfig
 
@@ -117,7 +117,7 @@ def build_reporter(config: TrainerConfig) -> ThrottledReporter:
 # --- Prometheus ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainerMetrics:
     registry: CollectorRegistry
     step: Gauge
@@ -125,9 +125,10 @@ class TrainerMetrics:
     loss: Gauge
     eval_loss: Gauge
     learning_rate: Gauge
-    tokens_per_second: Gauge
+    tokens: Counter
     gpu_memory_peak_bytes: Gauge
     port: int | None
+    tokens_seen: int = 0
 
     def update(self, progress: ProgressReport) -> None:
         self.step.set(progress.step)
@@ -136,11 +137,15 @@ class TrainerMetrics:
             (self.loss, progress.loss),
             (self.eval_loss, progress.eval_loss),
             (self.learning_rate, progress.learning_rate),
-            (self.tokens_per_second, progress.tokens_per_second),
             (self.gpu_memory_peak_bytes, progress.peak_memory_bytes),
         ):
             if value is not None:
                 gauge.set(value)
+        # A counter (throughput is its rate): it counts up to the job's cumulative total, which starts at
+        # the checkpoint's count in a resumed process. Prometheus reads a new process as a counter reset.
+        if progress.tokens is not None and progress.tokens > self.tokens_seen:
+            self.tokens.inc(progress.tokens - self.tokens_seen)
+            self.tokens_seen = progress.tokens
 
 
 def create_metrics(job: str, rank: int) -> TrainerMetrics:
@@ -152,6 +157,13 @@ def create_metrics(job: str, rank: int) -> TrainerMetrics:
         family = Gauge(f"finetune_trainer_{name}", doc, list(labels), registry=registry)
         return family.labels(**labels)
 
+    tokens = Counter(
+        "finetune_trainer_tokens",
+        "Input tokens trained on over all workers.",
+        list(labels),
+        registry=registry,
+    )
+
     return TrainerMetrics(
         registry=registry,
         step=gauge("step", "Optimizer steps done."),
@@ -159,7 +171,7 @@ def create_metrics(job: str, rank: int) -> TrainerMetrics:
         loss=gauge("loss", "Latest training loss."),
         eval_loss=gauge("eval_loss", "Latest evaluation loss."),
         learning_rate=gauge("learning_rate", "Current learning rate."),
-        tokens_per_second=gauge("tokens_per_second", "Training throughput over all workers, tokens/s."),
+        tokens=tokens.labels(**labels),
         gpu_memory_peak_bytes=gauge("gpu_memory_peak_bytes", "Peak GPU memory allocated by this worker."),
         port=None,
     )

@@ -168,6 +168,7 @@ class ProgressCallback(TrainerCallback):
             learning_rate=self.stats.learning_rate,
             tokens_per_second=self.stats.tokens_per_second,
             peak_memory_bytes=peak_memory()[0],
+            tokens=int(state.num_input_tokens_seen),
             elapsed_seconds=time.monotonic() - self.stats.start_time,
             steps_this_attempt=state.global_step - self.stats.start_step,
             last_checkpoint_step=ckpt.step if ckpt else None,

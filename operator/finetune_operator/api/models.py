@@ -402,6 +402,13 @@ class RunPolicySpec(ApiModel):
         description="Seconds a worker gets after SIGTERM to write its checkpoint (default: the operator's, "
         "or longer when the plan's checkpoint needs it).",
     )
+    progress_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Seconds without a new training step, while every worker runs, before the job is marked "
+        "Stalled (a hung collective, a dead data loader); the operator's default is 1800. Stalled does not "
+        "stop the job: it raises the condition, an event and the FineTuneJobStalled alert.",
+    )
     queue_name: str | None = Field(
         default=None,
         max_length=63,
@@ -641,11 +648,21 @@ class ProgressStatus(ApiModel):
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput, all GPUs.")
     peak_memory_bytes: int | None = Field(default=None, description="Measured peak GPU memory on rank 0.")
-    eta: str | None = Field(default=None, description="Estimated time left, e.g. 1h02m.")
+    eta: str | None = Field(default=None, description="Estimated time left, e.g. 1h02m (only while Running).")
+    eta_seconds: int | None = Field(
+        default=None, ge=0, description="The same in seconds, for tools and alerts."
+    )
     display: str | None = Field(
         default=None, description="Percent and steps for kubectl get, e.g. 42% (420/1000)."
     )
     updated_at: str | None = Field(default=None, description="When rank 0 last reported (RFC 3339).")
+    tokens: int | None = Field(
+        default=None, description="Input tokens trained on over all workers (restored on resume)."
+    )
+    step_updated_at: str | None = Field(
+        default=None,
+        description="When the operator first saw the current step (RFC 3339): the Stalled clock starts here.",
+    )
 
 
 class CheckpointStatus(ApiModel):

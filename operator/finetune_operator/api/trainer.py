@@ -45,6 +45,9 @@ ProgressState = Literal["starting", "training", "saving", "completed", "failed"]
 PROGRESS_ANNOTATION = "finetune.dev/progress"
 #: The file the file reporter writes (in the output directory unless `progress.path` says otherwise).
 PROGRESS_FILE = "progress.json"
+#: Where every worker serves /metrics (declared as the worker container's `metrics` port, which the
+#: chart's PodMonitor scrapes): the Prometheus exporter port OpenTelemetry registered, clear of DCGM's 9400.
+METRICS_PORT = 9464
 #: Written into the output directory at the end of a run.
 SUMMARY_FILE = "training_summary.json"
 #: The rendered trainer config the operator mounts and ftctl writes.
@@ -82,7 +85,7 @@ class ProgressSettings(ApiModel):
         "per job by default. Final reports (completion, checkpoint) are never throttled.",
     )
     metrics_port: int | None = Field(
-        default=9464,
+        default=METRICS_PORT,
         ge=0,
         le=65535,
         description="Port every worker serves /metrics on (0: any free port; null: no metrics server). "
@@ -163,6 +166,9 @@ class ProgressReport(ApiModel):
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, ge=0.0, description="Throughput over all workers.")
     peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak GPU memory on rank 0.")
+    tokens: int | None = Field(
+        default=None, ge=0, description="Input tokens trained on over all workers (restored on resume)."
+    )
     elapsed_seconds: float = Field(default=0.0, ge=0.0, description="Wall time of this attempt so far.")
     steps_this_attempt: int = Field(default=0, ge=0, description="Steps since this attempt (re)started.")
     last_checkpoint_step: int | None = Field(default=None, ge=0, description="Newest complete checkpoint.")
@@ -202,7 +208,9 @@ class ProgressReport(ApiModel):
             learning_rate=self.learning_rate,
             tokens_per_second=self.tokens_per_second,
             peak_memory_bytes=self.peak_memory_bytes,
+            tokens=self.tokens,
             eta=None if eta is None else format_duration(eta),
+            eta_seconds=None if eta is None else round(eta),
             display=f"{percent}% ({self.step}/{self.total_steps})",
             updated_at=self.updated_at,
         )

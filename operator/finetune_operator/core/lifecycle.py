@@ -20,7 +20,9 @@ The rules, in the order they apply:
 6. one failed worker fails the gang: a permanent exit code (config error, OOM) fails the job, an
    exhausted backoffLimit fails it, anything else deletes the whole gang and recreates it after an
    exponential backoff, and the trainer resumes from its newest checkpoint;
-7. missing workers are created; the phase and conditions follow from what the pods say.
+7. missing workers are created; the phase and conditions follow from what the pods say;
+8. a running gang whose step has not moved for the progress deadline is Stalled (a condition and an
+   event, not a failure: a hung collective is worth a look, a slow step is not worth killing).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class LifecyclePolicy:
     restart_backoff_max_seconds: float = 300.0
     #: Exit codes that fail the job at once: the same config fails the same way again.
     permanent_exit_codes: frozenset[int] = PERMANENT_EXIT_CODES
+    #: A running job whose step has not moved this long is Stalled (runPolicy.progressDeadlineSeconds
+    #: overrides it per job). Half an hour covers loading and tokenising a large model before step 1.
+    stalled_after_seconds: float = 1800.0
 
     def backoff(self, restarts: int) -> float:
         """The wait before recreating the gang for restart number `restarts` (1-based)."""
@@ -132,24 +137,23 @@ class _Decision:
             self.condition(kind, False, reason, message)
 
     def phase(self, phase: Phase, message: str, event: Literal["Normal", "Warning"] = "Normal") -> None:
-        """Move to `phase`; a transition posts an event whose reason is the new phase."""
+        """Move to `phase`; a transition posts an event whose reason is the new phase. Only a running gang
+        can stall, so every other phase clears Stalled."""
         if self.status.phase != phase:
             self.events.append(Event(event, phase.value, message))
+        if phase != Phase.RUNNING:
+            self.clear(ConditionType.STALLED, phase.value, message)
         self.status.phase = phase
         self.status.message = message
 
     def finish(self) -> None:
-        """Stamp completionTime; a finished job has no time left, so the last report's ETA goes
-        (`kubectl get` would otherwise show it forever when rank 0 never sent a final report)."""
         self.status.completion_time = self.status.completion_time or rfc3339(self.now)
-        if self.status.progress is not None:
-            self.status.progress.eta = None
 
     def fail(self, reason: str, message: str) -> None:
         self.condition(ConditionType.FAILED, True, reason, message)
-        self.clear(ConditionType.SUCCEEDED, reason, message)
-        self.clear(ConditionType.RUNNING, reason, message)
-        self.clear(ConditionType.RESTARTING, reason, message)
+        for kind in (ConditionType.SUCCEEDED, ConditionType.RUNNING, ConditionType.RESTARTING):
+            self.clear(kind, reason, message)
+        self.clear(ConditionType.STALLED, Phase.FAILED.value, message)
         self.finish()
         if self.status.phase != Phase.FAILED:
             self.events.append(Event("Warning", reason, message))
@@ -164,6 +168,11 @@ class _Decision:
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
     def actions(self) -> Actions:
+        progress = self.status.progress
+        if progress is not None and self.status.phase != Phase.RUNNING:
+            # Time left exists only while the gang runs: the last report's ETA would otherwise stay in
+            # `kubectl get` through a restart, a suspension or forever after the job finished.
+            progress.eta = progress.eta_seconds = None
         changed = self.status.model_dump(mode="json") != self.before.model_dump(mode="json")
         return Actions(
             status=self.status,
@@ -257,6 +266,7 @@ def reconcile(
         _arm_deadline(d, run_policy)
 
     _follow_pods(d, gang, run_policy)
+    _watch_progress(d, gang, run_policy, policy)
     return d.actions()
 
 
@@ -442,11 +452,50 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
     d.phase(Phase.SCHEDULING, f"waiting for {n} worker(s) to be placed and started")
 
 
+def _watch_progress(
+    d: _Decision, gang: GangObservation, run_policy: RunPolicySpec, policy: LifecyclePolicy
+) -> None:
+    """Stalled when every worker runs and the step has not moved for the progress deadline, counted from
+    the later of the gang starting to run and the step last moving; the clock lives in the status."""
+    if d.status.phase != Phase.RUNNING:
+        return
+    running = get_condition(d.status.conditions, ConditionType.RUNNING)
+    since = parse_time(running.last_transition_time) if running is not None else None
+    if since is None:
+        return
+    progress = d.status.progress
+    moved = parse_time(progress.step_updated_at) if progress is not None else None
+    start = max(since, moved) if moved is not None else since
+    step = progress.step if progress is not None else 0
+    if progress is not None and 0 < progress.total_steps <= step:
+        d.clear(ConditionType.STALLED, "Finishing", f"all {step} steps done; saving")
+        return
+    limit = run_policy.progress_deadline_seconds or policy.stalled_after_seconds
+    left = (start + timedelta(seconds=limit) - d.now).total_seconds()
+    if left > 0:
+        d.clear(ConditionType.STALLED, "Progressing", f"step {step} reached at {rfc3339(start)}")
+        d.after(left)
+        return
+    message = (
+        f"step {step} has not moved since {rfc3339(start)} while all {gang.expected} worker(s) run "
+        f"(progress deadline {limit:.0f}s): check the workers' logs"
+    )
+    if d.condition(ConditionType.STALLED, True, "NoProgress", message):
+        d.events.append(Event("Warning", "Stalled", message))
+
+
 def _progress(d: _Decision, gang: GangObservation) -> None:
-    """Rank 0's report into status.progress and status.lastCheckpoint."""
+    """Rank 0's report into status.progress and status.lastCheckpoint; the time the step last moved is
+    the operator's own observation, so it survives a throttled or silent trainer."""
     rank0 = gang.rank0()
     report = read_progress(rank0.progress if rank0 is not None else None)
+    before = d.before.progress
     d.status.progress = progress_status(report, d.status.progress)
+    if d.status.progress is not None:
+        kept = (
+            before.step_updated_at if before is not None and before.step == d.status.progress.step else None
+        )
+        d.status.progress.step_updated_at = kept or rfc3339(d.now)
     if report is not None and report.last_checkpoint_step is not None and report.last_checkpoint_path:
         d.status.last_checkpoint = CheckpointStatus(
             step=report.last_checkpoint_step, path=report.last_checkpoint_path, time=report.updated_at

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from finetune_operator.api.models import GROUP, KIND, VERSION
-from finetune_operator.api.trainer import CONFIG_FILE, LAUNCH_COMMAND, TRAIN_COMMAND
+from finetune_operator.api.trainer import CONFIG_FILE, LAUNCH_COMMAND, METRICS_PORT, TRAIN_COMMAND
 from finetune_operator.core import names
 from finetune_operator.core.gang import Gang, JobRef
 from finetune_operator.core.torch_env import torch_env, torchrun_args
@@ -154,7 +154,10 @@ def render_pod(gang: Gang, index: int) -> dict[str, Any]:
             },
             *(dict(e) for e in gang.env),
         ],
-        "ports": [{"name": "rendezvous", "containerPort": gang.master_port}],
+        "ports": [
+            {"name": "rendezvous", "containerPort": gang.master_port},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
         "resources": {kind: dict(values) for kind, values in gang.resources.items()},
         "volumeMounts": volume_mounts,
         "securityContext": {

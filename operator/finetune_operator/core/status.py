@@ -33,6 +33,7 @@ class ConditionType(StrEnum):
     RUNNING = "Running"
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
+    STALLED = "Stalled"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
