@@ -7,7 +7,7 @@ operator exposes exactly one. Two kinds of series:
   to running and to the end, queue time, gang restarts, GPU-seconds per namespace. Transitions are
   counted from the status write that made them (before → after), so a job is counted once however
   often it is reconciled, and a restarted replica does not count old transitions again;
-- per job (labels `namespace` and `job`, never anything per step or per pod): phase, restarts, planned
+- per job (labels `namespace` and `job_name`, never anything per step or per pod): phase, restarts, planned
   GPUs, estimated and measured peak per-GPU bytes and their ratio, step, progress, loss, tokens, ETA,
   deadline, Stalled and GPU-seconds. They are produced at scrape time from each job's last `JobSample`,
   and a finished job's series go `retention_seconds` after its completionTime (an hour by default: long
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -36,7 +36,9 @@ from finetune_operator.api.enums import Phase
 from finetune_operator.api.models import FineTuneJobStatus
 from finetune_operator.core.status import FINISHED, ConditionType, get_condition, parse_time
 
-JOB_LABELS = ("namespace", "job")
+#: `job_name`, not `job`: Prometheus's own target label `job` would rename ours to `exported_job` (the
+#: same reason kube-state-metrics says job_name); the trainer's metrics say job_name too.
+JOB_LABELS = ("namespace", "job_name")
 #: Buckets for times users wait: seconds (a free cluster) to a day (a full queue).
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 #: Buckets for whole runs: a minute to a week.
@@ -342,4 +344,5 @@ def build_metrics(
         ),
     )
     registry.register(metrics)
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
     return metrics

@@ -97,3 +97,27 @@ def test_the_webhook_can_be_turned_off_or_issued_by_cert_manager(value: str) -> 
         config = objects["ValidatingWebhookConfiguration/ft.finetune.dev"]
         assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "ops/ft-webhook"
         assert "caBundle" not in config["webhooks"][0]["clientConfig"]
+
+
+def test_monitoring_objects_carry_the_tested_rules_and_every_dashboard() -> None:
+    objects = rendered(
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+    )
+    rules = yaml.safe_load((CHART / "prometheus" / "alerts.yaml").read_text())
+    assert objects["PrometheusRule/ft"]["spec"] == rules  # the very file promtool tests
+    pod_monitor = objects["PodMonitor/ft-workers"]["spec"]
+    assert pod_monitor["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pod_monitor["namespaceSelector"] == {"any": True}
+    service_monitor = objects["ServiceMonitor/ft"]["spec"]
+    assert service_monitor["endpoints"][0]["honorLabels"] is True
+    dashboards = objects["ConfigMap/ft-dashboards"]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert sorted(dashboards["data"]) == sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert len(dashboards["data"]) == 3
+    # off by default: a cluster without the Prometheus operator's CRDs installs the chart as it is
+    defaults = rendered()
+    assert not [k for k in defaults if k.split("/")[0] in ("PodMonitor", "ServiceMonitor", "PrometheusRule")]
+    # watching namespaces narrows the PodMonitor to them
+    narrowed = rendered("--set", "metrics.podMonitor.enabled=true,watchNamespaces={team-a}")
+    assert narrowed["PodMonitor/ft-workers"]["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}

@@ -359,9 +359,9 @@ def test_readme_example_is_planned_runs_and_succeeds(
 
     expected = {"Pending", "CreatedWorkers", "Running", "Succeeded"}
     eventually(lambda: expected <= reasons(), "events", operator.tail)
-    succeeded = f'finetune_job_phase{{job="{name}",namespace="{ns}",phase="Succeeded"}} 1.0'
+    succeeded = f'finetune_job_phase{{job_name="{name}",namespace="{ns}",phase="Succeeded"}} 1.0'
     eventually(lambda: succeeded in operator.metrics(), "Succeeded in /metrics", operator.tail)
-    assert f'finetune_job_planned_gpus{{job="{name}",namespace="{ns}"}} 1.0' in operator.metrics()
+    assert f'finetune_job_planned_gpus{{job_name="{name}",namespace="{ns}"}} 1.0' in operator.metrics()
 
 
 def contained(rendered: Any, served: Any, path: str = "") -> list[str]:
@@ -807,7 +807,7 @@ def test_rank0_progress_reaches_status_and_kubectl_get_under_the_charts_trainer_
     assert progress["eta"] == "1h13m"  # 880 steps left at 120 steps per 600 s
     row = cluster.kubectl("get", "ftj", name, "-n", ns, "--no-headers").stdout.split()
     assert row[1:8] == ["Running", "lora", "1", "1", "12%", "(120/1000)", "1.234"]
-    loss = f'finetune_job_loss{{job="{name}",namespace="{ns}"}} 1.234'
+    loss = f'finetune_job_loss{{job_name="{name}",namespace="{ns}"}} 1.234'
     eventually(lambda: loss in operator.metrics(), "the loss in /metrics", operator.tail)
 
 

@@ -5,7 +5,8 @@ One cluster for this module (`finetune-real`, two real nodes with two fake GPUs 
 ones), the operator installed by the chart from the images `make images` built, watching two namespaces
 that nothing prepares but their volumes: the chart's defaults must make the trainer's ServiceAccount there.
 Each test's job is the demo's (examples/demo.yaml): two workers, one per real node, rendezvous over the
-headless Service's DNS names.
+headless Service's DNS names. A real Prometheus (tests/e2e/prometheus.py) scrapes the operator pod and
+every worker from the first job on, with the chart's alert rules loaded; the last tests read it.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi, V1Namespace, V1Object
 from finetune_operator.api.exit_codes import ExitCode, describe
 from finetune_operator.api.models import GROUP, PLURAL, VERSION
 from finetune_operator.api.trainer import SUMMARY_FILE
+from monitoring.dashboards import panels
 from trainer.tiny_models import build_tiny_llama, write_text_data
 from trainer.tokenizer import build_tiny_tokenizer
 
 from .conftest import BIN, REPO, Cluster, running_cluster
+from .prometheus import Prometheus, running_prometheus, scrape_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
 
@@ -204,13 +207,23 @@ def condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return next((c for c in job.get("status", {}).get("conditions", []) if c["type"] == kind), None)
 
 
+@pytest.fixture(scope="module")
+def prometheus(
+    real_cluster: Cluster, operator: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    """A real Prometheus scraping the operator pod and every worker from the module's first job on."""
+    config = scrape_config(real_cluster.kubeconfig, RELEASE_NAMESPACE, NAMESPACES)
+    with running_prometheus(config, tmp_path_factory.mktemp("prometheus")) as server:
+        yield server
+
+
 @pytest.fixture
-def team_a(real_cluster: Cluster, volumes: dict[str, Path], operator: None) -> Jobs:
+def team_a(real_cluster: Cluster, volumes: dict[str, Path], prometheus: Prometheus) -> Jobs:
     return Jobs(real_cluster, NAMESPACES[0], volumes[NAMESPACES[0]])
 
 
 @pytest.fixture
-def team_b(real_cluster: Cluster, volumes: dict[str, Path], operator: None) -> Jobs:
+def team_b(real_cluster: Cluster, volumes: dict[str, Path], prometheus: Prometheus) -> Jobs:
     return Jobs(real_cluster, NAMESPACES[1], volumes[NAMESPACES[1]])
 
 
@@ -220,14 +233,15 @@ def summary(jobs: Jobs, name: str) -> dict[str, Any]:
     return result
 
 
-def kill_trainer(jobs: Jobs, pod: str) -> None:
-    """SIGKILL the training process inside a worker, as the kernel's OOM killer or a crash would."""
+def signal_trainer(jobs: Jobs, pod: str, signal: str = "SIGKILL") -> None:
+    """Send `signal` to the training process inside a worker: SIGKILL as the kernel's OOM killer or a crash
+    would, SIGSTOP to freeze it as a hung collective does."""
     script = (
         "import os, signal\n"
         "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
         "    cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
         "    if b'finetune-train' in cmd and b'finetune-launch' not in cmd:\n"
-        "        os.kill(int(pid), signal.SIGKILL)\n"
+        f"        os.kill(int(pid), signal.{signal})\n"
     )
     jobs.cluster.kubectl("-n", jobs.namespace, "exec", pod, "--", "python", "-c", script)
 
@@ -262,7 +276,7 @@ def test_a_killed_worker_restarts_the_gang_from_the_newest_checkpoint(team_b: Jo
         return int((job.get("status", {}).get("lastCheckpoint") or {}).get("step", 0)) >= 20
 
     before = team_b.wait("killed", "past a checkpoint", checkpointed)
-    kill_trainer(team_b, "killed-worker-1")
+    signal_trainer(team_b, "killed-worker-1")
     done = team_b.wait("killed", "finished", lambda j: phase(j) in ("Succeeded", "Failed"))
     assert phase(done) == "Succeeded", done["status"]
     assert done["status"]["restarts"] == 1
@@ -306,3 +320,88 @@ def test_a_configuration_error_fails_at_once_without_a_retry(team_b: Jobs) -> No
     failed = condition(job, "Failed")
     assert failed is not None and failed["reason"] == describe(ExitCode.CONFIG_ERROR), job["status"]
     assert job["status"].get("restarts", 0) == 0
+
+
+# --- observed from a real Prometheus ------------------------------------------------------------------
+
+
+def delete_job(jobs: Jobs, name: str) -> None:
+    """Delete the job and wait until its workers are gone (they hold the nodes' GPUs)."""
+    jobs.cluster.kubectl("-n", jobs.namespace, "delete", "finetunejob", name, "--wait=false")
+    deadline = time.monotonic() + 180
+    while jobs.core.list_namespaced_pod(jobs.namespace, label_selector=f"finetune.dev/job-name={name}").items:
+        assert time.monotonic() < deadline, f"the workers of {name} did not go within 180s"
+        time.sleep(0.5)
+
+
+def test_a_job_whose_step_stops_is_stalled_and_the_alert_fires(team_a: Jobs, prometheus: Prometheus) -> None:
+    """A frozen rank 0 (SIGSTOP, as a hung collective): the pods still run, the step stops."""
+    team_a.apply(job_manifest("hung", training={"maxSteps": 5000}, runPolicy={"progressDeadlineSeconds": 15}))
+    try:
+        team_a.wait("hung", "training", lambda j: phase(j) == "Running" and step(j) > 0)
+        signal_trainer(team_a, "hung-worker-0", "SIGSTOP")
+        job = team_a.wait(
+            "hung", "Stalled", lambda j: (condition(j, "Stalled") or {}).get("status") == "True", timeout=120
+        )
+        stalled = condition(job, "Stalled")
+        assert stalled is not None and stalled["reason"] == "NoProgress", stalled
+        assert phase(job) == "Running"  # a warning, not a failure
+        events = team_a.cluster.kubectl(
+            "-n", "team-a", "get", "events", "--field-selector", "involvedObject.name=hung,reason=Stalled"
+        ).stdout
+        assert "has not moved since" in events, events
+        firing = (
+            'ALERTS{alertname="FineTuneJobStalled",alertstate="firing",namespace="team-a",job_name="hung"}'
+        )
+        prometheus.wait_for(firing, "the FineTuneJobStalled alert firing", timeout=60)
+    finally:
+        signal_trainer(team_a, "hung-worker-0", "SIGKILL")
+        delete_job(team_a, "hung")
+
+
+def test_prometheus_follows_a_real_job_and_every_dashboard_query_returns_data(
+    team_b: Jobs, prometheus: Prometheus
+) -> None:
+    team_b.apply(job_manifest("watched", training={"maxSteps": 300}))
+    team_b.wait("watched", "training", lambda j: phase(j) == "Running" and step(j) > 0)
+    job = 'namespace="team-b",job_name="watched"'
+    ranks = prometheus.wait_for(
+        f"finetune_trainer_step{{{job}}}", "both workers' steps", lambda v: len(v) == 2
+    )
+    assert all(value >= 0 for value in ranks)
+    prometheus.wait_for(f"finetune_job_step{{{job}}}", "the operator's step", lambda v: bool(v) and v[0] > 0)
+    gpu_seconds = f"finetune_job_gpu_seconds_total{{{job}}}"
+    first = prometheus.wait_for(gpu_seconds, "GPU-seconds", lambda v: bool(v) and v[0] > 0)
+    prometheus.wait_for(gpu_seconds, "GPU-seconds growing", lambda v: bool(v) and v[0] > first[0], timeout=30)
+
+    # Every panel of every dashboard returns data while a job runs, after the module's earlier jobs
+    # succeeded, failed, restarted and stalled; panels that need GPU measurements only have to parse.
+    needs_gpu = ("finetune_job_gpu_memory_peak", "DCGM_")
+    empty = []
+    for dashboard, title, queries in panels(
+        {"$namespace": "team-b", "$job_name": "watched", "$__range": "1h"}
+    ):
+        if all(any(name in q for name in needs_gpu) for q in queries):
+            for query in queries:
+                prometheus.query(query)  # raises unless it parses
+            continue
+        deadline = time.monotonic() + 60
+        while not any(prometheus.query(q) for q in queries):
+            if time.monotonic() > deadline:
+                empty.append(f"{dashboard}: {title}: {queries}")
+                break
+            time.sleep(2)
+    assert not empty, "panels without data:\n" + "\n".join(empty)
+    rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+    assert len(rules) == 7, rules  # the chart's alert rules, all loaded
+    unhealthy = [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"]
+    assert not unhealthy, unhealthy
+
+    done = team_b.wait("watched", "Succeeded", lambda j: phase(j) in ("Succeeded", "Failed"))
+    assert phase(done) == "Succeeded", done["status"]
+    time.sleep(6)  # three scrapes after the last status write
+    settled = prometheus.values(gpu_seconds)
+    time.sleep(6)
+    assert prometheus.values(gpu_seconds) == settled and settled[0] > first[0]  # stopped when the pods ended
+    finished = prometheus.values('finetune_jobs_finished_total{namespace="team-b",outcome="Succeeded"}')
+    assert finished and finished[0] >= 1

@@ -74,7 +74,7 @@ def test_per_job_series_follow_the_status_and_go_with_the_job() -> None:
     )
     metrics.observe("ns", "a", FineTuneJobStatus(), running, CREATED, deadline_seconds=7200)
     metrics.observe("ns", "b", FineTuneJobStatus(), FineTuneJobStatus(phase="Pending"))
-    job = {"namespace": "ns", "job": "a"}
+    job = {"namespace": "ns", "job_name": "a"}
     assert value(metrics, "finetune_jobs", phase="Running") == 1
     assert value(metrics, "finetune_jobs", phase="Pending") == 1
     assert value(metrics, "finetune_job_phase", **job, phase="Running") == 1
@@ -92,11 +92,11 @@ def test_per_job_series_follow_the_status_and_go_with_the_job() -> None:
     assert value(metrics, "finetune_job_gpu_memory_peak_bytes", **job) == 44 * GIB
     assert value(metrics, "finetune_job_gpu_memory_peak_ratio", **job) == 1.1
     # what is not known yet has no series (not a misleading zero)
-    assert value(metrics, "finetune_job_loss", namespace="ns", job="b") is None
+    assert value(metrics, "finetune_job_loss", namespace="ns", job_name="b") is None
     assert value(metrics, "finetune_gang_restarts_total", namespace="ns") == 1
     metrics.forget("ns", "a")
     assert value(metrics, "finetune_jobs", phase="Running") == 0
-    assert b'job="a"' not in generate_latest(metrics.registry)
+    assert b'job_name="a"' not in generate_latest(metrics.registry)
     # two sets never collide: nothing is registered at import time
     assert build_metrics().registry is not metrics.registry
 
@@ -104,7 +104,7 @@ def test_per_job_series_follow_the_status_and_go_with_the_job() -> None:
 def test_gpu_seconds_grow_while_workers_run_and_stop_when_they_end() -> None:
     clock = Clock()
     metrics = metrics_with(clock)
-    job = {"namespace": "ns", "job": "a"}
+    job = {"namespace": "ns", "job_name": "a"}
     scheduling = FineTuneJobStatus(phase="Scheduling", plan=PLAN, workers=WorkersStatus(total=2, pending=2))
     metrics.observe("ns", "a", FineTuneJobStatus(), scheduling, CREATED)
     clock.at(60)
