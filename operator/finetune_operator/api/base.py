@@ -7,7 +7,7 @@ keeps the pair together; `tests/contract` checks that the server says the same a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -70,12 +70,14 @@ class ApiModel(BaseModel):
 
 def describe_validation_error(error: ValidationError, root: str = "") -> str:
     """One line per problem, each naming the camelCase field path, for CLI output and status messages."""
-    lines = []
-    for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"] if part not in ("function-after",))
-        path = f"{root}.{path}" if root and path else (root or path)
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown field"
-        lines.append(f"{path}: {message}" if path else message)
-    return "; ".join(lines)
+    return "; ".join(describe_error_item(item, root) for item in error.errors())
+
+
+def describe_error_item(item: Mapping[str, Any], root: str = "") -> str:
+    """One problem of a ValidationError as `field.path: message`."""
+    path = ".".join(str(part) for part in item["loc"] if part not in ("function-after",))
+    path = f"{root}.{path}" if root and path else (root or path)
+    message = str(item["msg"]).removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        message = "unknown field"
+    return f"{path}: {message}" if path else message

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from finetune_operator import __version__
-from finetune_operator.cli import estimate, models, plan, render, train
+from finetune_operator.cli import completion, estimate, models, plan, render, train
 from finetune_operator.cli.common import CliError
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (estimate, plan, render, train, models)
+SUBCOMMANDS: tuple[ModuleType, ...] = (estimate, plan, render, train, models, completion)
 USAGE_ERROR = 2
 
 

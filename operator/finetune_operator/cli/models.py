@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from finetune_operator.api.enums import Method
-from finetune_operator.cli.common import emit, gib
+from finetune_operator.cli.common import HelpFormatter, add_output_option, document, emit, gib
 from finetune_operator.core.architecture import catalogue_architecture, catalogue_names
 from finetune_operator.core.estimate import TrainingSetup, estimate
 from finetune_operator.core.hardware import gpu_model, gpu_names
@@ -15,9 +15,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = subparsers.add_parser(
         "models",
         help="list the built-in model architectures and GPU products",
-        description="List the model names (hub names) and GPU products the planner knows without a download.",
+        description="List the model names (hub names) and GPU products the planner knows without a download. "
+        "-o json|yaml prints kind Catalogue: parameters per model, memory bytes per GPU.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_output_option(p)
     p.set_defaults(run=run)
 
 
@@ -34,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
         "GPU" + " " * 17 + "MEMORY",
         *(f"{name:<20}{gib(memory):>10}" for name, memory in gpus.items()),
     ]
-    emit({"models": models, "gpus": gpus}, args.output, "\n".join(lines) + "\n")
+    emit(document("Catalogue", {"models": models, "gpus": gpus}), args.output, "\n".join(lines) + "\n")
     return 0

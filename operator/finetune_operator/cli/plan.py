@@ -1,13 +1,25 @@
-"""`ftctl plan`: the GPU count, node layout, ZeRO stage and offload the operator would choose for a job."""
+"""`ftctl plan`: the GPU count, node layout, ZeRO stage and offload the operator would choose for each job."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from finetune_operator.cli.common import breakdown_table, emit, gib, load_job, local_architecture
+from finetune_operator.api.models import FineTuneJob
+from finetune_operator.cli.common import (
+    HelpFormatter,
+    add_filename_option,
+    add_output_option,
+    breakdown_table,
+    document,
+    emit_all,
+    gib,
+    load_jobs,
+    local_architecture,
+)
 from finetune_operator.core.architecture import load_hf_config
-from finetune_operator.core.plan import plan
+from finetune_operator.core.plan import Plan, plan
+from finetune_operator.core.text import count
 
 #: Exit status when the plan is made but the job does not fit, so scripts can tell it from bad input (2).
 DOES_NOT_FIT = 1
@@ -16,47 +28,53 @@ DOES_NOT_FIT = 1
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "plan",
-        help="show the plan the operator would make for a FineTuneJob",
-        description="Plan a FineTuneJob as the operator would: the fewest GPUs that fit, then the fastest "
-        "ZeRO stage and offload. Exits 1 when the job does not fit, 2 on bad input.",
+        help="show the plan the operator would make for FineTuneJobs",
+        description="Plan each FineTuneJob as the operator would: the fewest GPUs that fit, then the fastest "
+        "ZeRO stage and offload. -o json|yaml prints `status.plan` as the operator writes it (kind Plan, "
+        "or a List of them). Exits 1 when a job does not fit, 2 on bad input.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("-f", "--filename", type=Path, required=True, help="FineTuneJob YAML")
+    add_filename_option(p)
     p.add_argument("--model-config", type=Path, help="plan from this config.json instead of the catalogue")
-    p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    add_output_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    job = load_job(args.filename)
-    arch = load_hf_config(args.model_config) if args.model_config else local_architecture(job.spec.model.uri)
-    result = plan(job.spec, arch=arch)
-    data = {
-        "name": job.metadata.name,
-        "fits": result.fits,
-        "gpus": result.gpus,
-        "nodes": result.nodes,
-        "gpus_per_node": result.gpus_per_node,
-        "zero_stage": result.zero_stage,
-        "offload": result.offload.value,
-        "gpu_type": result.gpu_type,
-        "per_gpu_bytes": result.per_gpu_bytes,
-        "usable_bytes": result.usable_bytes,
-        "host_bytes_per_node": result.host_bytes_per_node,
-        "worker_memory_bytes": result.requests.memory_bytes,
-        "worker_ephemeral_storage_bytes": result.requests.ephemeral_storage_bytes,
-        "checkpoint_seconds": result.requests.checkpoint_seconds,
-        "breakdown": dict(result.estimate.breakdown),
-        "total_params": result.estimate.total_params,
-        "trainable_params": result.estimate.trainable_params,
-        "message": result.message,
-        "suggestions": list(result.suggestions),
-    }
+    documents, blocks, all_fit = [], [], True
+    for loaded in load_jobs(args.filename):
+        job = loaded.job
+        arch = (
+            load_hf_config(args.model_config) if args.model_config else local_architecture(job.spec.model.uri)
+        )
+        result = plan(job.spec, arch=arch)
+        all_fit = all_fit and result.fits
+        documents.append(
+            document(
+                "Plan",
+                {
+                    "metadata": {
+                        "name": job.metadata.name,
+                        **({"namespace": job.metadata.namespace} if job.metadata.namespace else {}),
+                        "source": loaded.where,
+                    },
+                    "plan": result.to_status().model_dump(mode="json", by_alias=True, exclude_none=True),
+                    "suggestions": list(result.suggestions),
+                },
+            )
+        )
+        blocks.append(table(job, result))
+    emit_all(documents, args.output, "\n".join(blocks))
+    return 0 if all_fit else DOES_NOT_FIT
+
+
+def table(job: FineTuneJob, result: Plan) -> str:
     verdict = "fits" if result.fits else "DOES NOT FIT"
     lines = [
         f"FineTuneJob {job.metadata.name}: {job.spec.method.type.value} on {result.gpu_type or 'GPUs'} "
         f"({gib(result.usable_bytes)} usable per GPU) - {verdict}",
-        f"  GPUs {result.gpus} = {result.nodes} node(s) x {result.gpus_per_node}, ZeRO-{result.zero_stage}, "
-        f"offload {result.offload.value}",
+        f"  {count(result.gpus, 'GPU')} = {count(result.nodes, 'node')} x {result.gpus_per_node}, "
+        f"ZeRO-{result.zero_stage}, offload {result.offload.value}",
         f"  {result.message}",
         f"  each worker requests {gib(result.requests.memory_bytes)} host memory and "
         f"{gib(result.requests.ephemeral_storage_bytes)} local disk; a checkpoint takes about "
@@ -64,5 +82,4 @@ def run(args: argparse.Namespace) -> int:
         "  component          per GPU",
         *breakdown_table(result.estimate.breakdown, result.per_gpu_bytes, result.estimate.host_bytes),
     ]
-    emit(data, args.output, "\n".join(lines) + "\n")
-    return 0 if result.fits else DOES_NOT_FIT
+    return "\n".join(lines) + "\n"

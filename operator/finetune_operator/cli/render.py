@@ -1,12 +1,12 @@
 """`ftctl render`: the objects the operator would create for a FineTuneJob, like `helm template`.
 
-    ftctl render -f job.yaml [-n NAMESPACE] [--attempt N] [-o yaml|json]
+    ftctl render -f FILE|DIR|- [-n NAMESPACE] [--attempt N] [-o yaml|json]
 
 The same pipeline the controller runs (parse → plan → gang → scheduling plug-in → objects), with the
 operator's settings from the environment (`FINETUNE_TRAINER_IMAGE`, …), so what it prints is what the
 operator creates: the ConfigMap, the headless Service and one worker pod per node. The owner reference
-carries the job's `metadata.uid` when the file has one (the API server assigns it). Exits 1 with the
-reason when the job cannot run (the webhook's answer), 2 on bad input.
+carries the job's `metadata.uid` when the file has one (the API server assigns it). Several jobs render
+into one List. Exits 1 with the reason when a job cannot run (the webhook's answer), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from typing import Any
 
-from finetune_operator.cli.common import load_job
+from finetune_operator.cli.common import HelpFormatter, add_filename_option, add_output_option, load_jobs
 from finetune_operator.core.desire import SpecProblem, desire
 from finetune_operator.core.gang import JobRef
 from finetune_operator.core.render import to_yaml
@@ -34,33 +34,33 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "render",
         help="print the ConfigMap, Service and pods the operator would create for a FineTuneJob",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("-f", "--filename", type=Path, required=True, help="FineTuneJob YAML")
+    add_filename_option(p)
     p.add_argument(
         "-n", "--namespace", help="namespace (default: the job's metadata.namespace, else default)"
     )
-    p.add_argument(
-        "--attempt", type=int, default=0, help="the gang's attempt, i.e. restarts so far (default: 0)"
-    )
-    p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="default: yaml")
+    p.add_argument("--attempt", type=int, default=0, help="the gang's attempt, i.e. restarts so far")
+    add_output_option(p, ("yaml", "json"))
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    job = load_job(args.filename)
-    meta = job.metadata
-    ref = JobRef(
-        name=meta.name,
-        namespace=args.namespace or meta.namespace or "default",
-        uid=meta.uid or UNCREATED_UID,
-        generation=meta.generation or 1,
-    )
-    desired = desire(job, ref, from_env().render_options(), args.attempt, refiner_for(job))
-    if isinstance(desired, SpecProblem):
-        print(f"ftctl render: {desired.reason}: {desired.message}", file=sys.stderr)
-        return CANNOT_RUN
-    objects = [desired.configmap, desired.service, *desired.pods]
+    objects: list[dict[str, Any]] = []
+    options = from_env().render_options()
+    for loaded in load_jobs(args.filename):
+        job, meta = loaded.job, loaded.job.metadata
+        ref = JobRef(
+            name=meta.name,
+            namespace=args.namespace or meta.namespace or "default",
+            uid=meta.uid or UNCREATED_UID,
+            generation=meta.generation or 1,
+        )
+        desired = desire(job, ref, options, args.attempt, refiner_for(job))
+        if isinstance(desired, SpecProblem):
+            print(f"ftctl render: {loaded.where}: {desired.reason}: {desired.message}", file=sys.stderr)
+            return CANNOT_RUN
+        objects += [desired.configmap, desired.service, *desired.pods]
     if args.output == "json":
         print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
     else:

@@ -27,7 +27,13 @@ from finetune_operator.api.trainer import (
     ProgressSettings,
     TrainerConfig,
 )
-from finetune_operator.cli.common import CliError, load_job, local_architecture
+from finetune_operator.cli.common import (
+    CliError,
+    HelpFormatter,
+    add_filename_option,
+    load_job,
+    local_architecture,
+)
 from finetune_operator.core.plan import plan
 from finetune_operator.core.trainer_config import render_trainer_config
 
@@ -37,9 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "train",
         help="run a FineTuneJob locally with the workers' trainer (torchrun + DeepSpeed)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("-f", "--filename", type=Path, required=True, help="FineTuneJob YAML")
+    add_filename_option(p, "the FineTuneJob (one)")
     p.add_argument(
         "--nproc-per-node", type=int, default=1, help="worker processes (one per GPU; on CPU, any count)"
     )
@@ -93,7 +99,7 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     """Plan and render exactly as the operator does, with this machine's paths and process count."""
     if args.nproc_per_node < 1:
         raise CliError("--nproc-per-node must be at least 1")
-    job = local_job(load_job(args.filename), args.output_dir)
+    job = local_job(load_job(args.filename, "ftctl train"), args.output_dir)
     planned = plan(job.spec, arch=local_architecture(job.spec.model.uri))
     return render_trainer_config(
         job,

@@ -54,6 +54,7 @@ from finetune_operator.core.status import (
     rfc3339,
     set_condition,
 )
+from finetune_operator.core.text import count
 
 #: How soon to look again while waiting for the API server to finish something (pods terminating).
 SHORT_REQUEUE_SECONDS = 1.0
@@ -259,7 +260,7 @@ def reconcile(
                 Event(
                     "Normal",
                     "CreatedWorkers",
-                    f"created {len(gang.missing)} worker(s), attempt {d.status.restarts}",
+                    f"created {count(len(gang.missing), 'worker')}, attempt {d.status.restarts}",
                 )
             )
         d.status.start_time = d.status.start_time or rfc3339(d.now)
@@ -350,7 +351,9 @@ def _replace_stale(
         d.clear(ConditionType.RUNNING, "SpecChanged", message)
         d.phase(Phase.RESTARTING, message)
     if foreign:
-        d.status.message = f"waiting for {len(foreign)} pod(s) of an earlier job named {job.name} to go"
+        d.status.message = (
+            f"waiting for {count(len(foreign), 'pod')} of an earlier job named {job.name} to go"
+        )
 
 
 def _gang_failed(
@@ -380,7 +383,7 @@ def _gang_failed(
         d.remove(w for w in current if w.active)
         d.fail(
             "BackoffLimitExceeded",
-            f"{what}; {d.status.restarts} restart(s) reached runPolicy.backoffLimit "
+            f"{what}; {count(d.status.restarts, 'restart')} reached runPolicy.backoffLimit "
             f"({run_policy.backoff_limit})",
         )
         return
@@ -417,7 +420,7 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
     """Phase and conditions from the current gang's pods."""
     n = gang.expected
     if gang.all_succeeded:
-        message = f"all {n} worker(s) succeeded"
+        message = f"all {count(n, 'worker')} succeeded"
         d.finish()
         d.condition(ConditionType.SUCCEEDED, True, "Completed", message)
         d.clear(ConditionType.RUNNING, "Completed", message)
@@ -427,8 +430,8 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
             d.after(float(run_policy.ttl_seconds_after_finished))
         return
     if gang.all_running:
-        message = f"{n} worker(s) running"
-        d.condition(ConditionType.SCHEDULED, True, "Scheduled", f"{n} worker(s) placed")
+        message = f"{count(n, 'worker')} running"
+        d.condition(ConditionType.SCHEDULED, True, "Scheduled", f"{count(n, 'worker')} placed")
         d.condition(ConditionType.RUNNING, True, "Running", message)
         d.clear(ConditionType.RESTARTING, "Running", message)
         d.phase(Phase.RUNNING, message)
@@ -441,7 +444,7 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
         if d.condition(ConditionType.SCHEDULED, False, reason, message):
             d.events.append(Event("Normal" if reason == "Queued" else "Warning", reason, message))
     elif not gang.missing and all(w.state != WorkerState.UNSCHEDULED for w in gang.workers):
-        d.condition(ConditionType.SCHEDULED, True, "Scheduled", f"{n} worker(s) placed")
+        d.condition(ConditionType.SCHEDULED, True, "Scheduled", f"{count(n, 'worker')} placed")
     stuck = [w for w in gang.workers if w.reason in IMAGE_PULL_REASONS | CONFIG_WAIT_REASONS]
     if stuck:
         worker = stuck[0]
@@ -449,7 +452,7 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
         message = f"{worker.name}: {worker.message or worker.reason}"
         if d.condition(ConditionType.RUNNING, False, reason, message):
             d.events.append(Event("Warning", reason, message))
-    d.phase(Phase.SCHEDULING, f"waiting for {n} worker(s) to be placed and started")
+    d.phase(Phase.SCHEDULING, f"waiting for {count(n, 'worker')} to be placed and started")
 
 
 def _watch_progress(
@@ -477,7 +480,7 @@ def _watch_progress(
         d.after(left)
         return
     message = (
-        f"step {step} has not moved since {rfc3339(start)} while all {gang.expected} worker(s) run "
+        f"step {step} has not moved since {rfc3339(start)} while all {count(gang.expected, 'worker')} run "
         f"(progress deadline {limit:.0f}s): check the workers' logs"
     )
     if d.condition(ConditionType.STALLED, True, "NoProgress", message):

@@ -18,6 +18,7 @@ from finetune_operator.core.architecture import ModelArchitecture, catalogue_arc
 from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
 from finetune_operator.core.hardware import gpu_model
 from finetune_operator.core.requests import WorkerRequests, worker_requests
+from finetune_operator.core.text import count
 
 GIB = 1024**3
 #: The largest job the planner considers: beyond this a fine-tune is a pre-training run in disguise.
@@ -217,7 +218,7 @@ def plan(
     requested = spec.resources.gpus
     if requested != "auto" and layout(int(requested), gpn) is None:
         raise PlanningError(
-            f"resources.gpus {requested} cannot be spread evenly over nodes of {gpn} GPUs; "
+            f"resources.gpus {requested} cannot be spread evenly over nodes of {count(gpn, 'GPU')}; "
             f"use a multiple of the node count"
         )
     sizes = [n for n in range(1, max_gpus + 1) if layout(n, gpn) is not None]
@@ -244,9 +245,9 @@ def plan(
     if requested == "auto":
         note = "does not fit on any GPU count up to the planner's limit"
     elif best is not None:
-        note = f"does not fit on {gpus} GPUs; the smallest count that fits is {best[0]}"
+        note = f"does not fit on {count(gpus, 'GPU')}; the smallest count that fits is {best[0]}"
     else:
-        note = f"does not fit on {gpus} GPUs, nor on any count the planner tries"
+        note = f"does not fit on {count(gpus, 'GPU')}, nor on any count the planner tries"
     if spec.method.type in NO_ZERO3_METHODS:
         note += (
             f" ({spec.method.type.value} tuning cannot shard the frozen model: ZeRO-3 is not available to it)"
@@ -274,7 +275,7 @@ def _planned(
     assert spread is not None
     nodes, per_node = spread
     summary = (
-        f"{gpus} GPU{'s' if gpus > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''}, ZeRO-{stage}"
+        f"{count(gpus, 'GPU')} on {count(nodes, 'node')}, ZeRO-{stage}"
         f"{'' if offload == Offload.NONE else f' with {offload.value} offload'}: "
         f"{result.per_gpu_bytes / GIB:.1f} GiB per GPU of {usable / GIB:.1f} GiB usable"
     )
