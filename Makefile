@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(CURDIR)/.cache
 export PATH := $(CACHE)/bin:$(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup test unit lint bench bench-trainer crds tools node-deps images cluster-up cluster-down
+.PHONY: help setup test unit lint bench bench-trainer crds crds-apply tools node-deps images cluster-up cluster-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ lint: setup ## ruff, mypy, the import-layer contracts (layers, operator never im
 
 crds: setup ## regenerate crds/ from the pydantic API models
 	$(PY) -m finetune_operator.api.crd --write
+
+crds-apply: tools ## apply crds/ to the cluster of $KUBECONFIG (Helm never upgrades a chart's CRDs)
+	kubectl apply --server-side --force-conflicts -f crds/
 
 bench: setup ## run the benchmarks and write bench/results/
 	$(PY) bench/estimator.py --write bench/results/estimator.json --markdown bench/results/estimator-calibration.md

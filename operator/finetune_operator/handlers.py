@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 from typing import Any
 
 import kopf
@@ -21,6 +23,9 @@ from finetune_operator.core import names
 from finetune_operator.core.admission import review
 from finetune_operator.settings import Settings
 
+#: The events' source (`kubectl describe`'s "From" column, reportingController).
+REPORTING_COMPONENT = "finetune-operator"
+
 
 def register(registry: kopf.OperatorRegistry, controller: Controller, operator_settings: Settings) -> None:
     """Declare the operator's handlers in `registry`."""
@@ -30,6 +35,10 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # The controller posts its own events for transitions; kopf's per-log-line events are noise.
         settings.posting.level = logging.WARNING
+        # `kubectl describe ftj` shows who said it: the operator and its replica, not "kopf".
+        settings.posting.reporting_component = REPORTING_COMPONENT
+        settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
+        settings.posting.event_name_prefix = "finetune-operator-"
         # Seconds a watch stays open before kopf reopens it: bounds how stale a silent watch can get.
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330

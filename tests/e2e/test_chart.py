@@ -68,7 +68,7 @@ def test_the_deployment_configures_a_serving_only_webhook() -> None:
     deployment = rendered("--set", "webhook.failurePolicy=Fail")["Deployment/ft"]["spec"]["template"]["spec"]
     container = deployment["containers"][0]
     assert "--webhook-port=9443" in container["args"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # POD_NAME is from the pod
     settings = from_env(env)
     webhook = settings.webhook
     assert (webhook.address, webhook.cert_dir, webhook.configuration, webhook.failure_policy) == (
@@ -121,3 +121,50 @@ def test_monitoring_objects_carry_the_tested_rules_and_every_dashboard() -> None
     # watching namespaces narrows the PodMonitor to them
     narrowed = rendered("--set", "metrics.podMonitor.enabled=true,watchNamespaces={team-a}")
     assert narrowed["PodMonitor/ft-workers"]["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+
+
+def test_replicas_are_ready_when_healthy_spread_over_nodes_and_drained_one_at_a_time() -> None:
+    objects = rendered()
+    pod = objects["Deployment/ft"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert spread["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert objects["PodDisruptionBudget/ft"]["spec"]["maxUnavailable"] == 1
+    # one replica: nothing to spread, and a budget would block every drain
+    single = rendered("--set", "replicaCount=1")
+    assert "PodDisruptionBudget/ft" not in single
+    assert "affinity" not in single["Deployment/ft"]["spec"]["template"]["spec"]
+    # a user's affinity replaces the default spread
+    custom = rendered(
+        "--set",
+        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool,affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+    )
+    assert list(custom["Deployment/ft"]["spec"]["template"]["spec"]["affinity"]) == ["nodeAffinity"]
+
+
+@pytest.mark.parametrize(
+    ("value", "refusal"),
+    [
+        ("replicaCont=2", "additional properties 'replicaCont' not allowed"),
+        ("webhook.failurePolicy=Sometimes", "value must be one of 'Ignore', 'Fail'"),
+        ("placement.preset=aks", "value must be one of 'nvidia-gfd', 'gke', 'eks'"),
+        ("metrics.podMonitor.interval=often", "does not match pattern"),
+    ],
+)
+def test_the_values_schema_refuses_typos_and_bad_values(value: str, refusal: str) -> None:
+    done = subprocess.run(
+        [str(BIN / "helm"), "template", "ft", str(CHART), "--kube-version", "1.37.2", "--set", value],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and refusal in done.stderr, done.stderr
+
+
+def test_the_chart_lints_strictly_with_every_option_turned() -> None:
+    values = (
+        "replicaCount=1,webhook.certManager.enabled=true,watchNamespaces={a,b},manageTrainerAccess=false,"
+        "trainerNamespaces={a},metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
+        "metrics.prometheusRule.enabled=true,metrics.dashboards.enabled=false,placement.preset=gke"
+    )
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), "--set", values)

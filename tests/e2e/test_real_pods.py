@@ -127,6 +127,9 @@ def operator(real_cluster: Cluster, volumes: dict[str, Path]) -> Iterator[None]:
     if done.returncode != 0:
         pods = real_cluster.kubectl("-n", RELEASE_NAMESPACE, "describe", "pods", check=False).stdout
         pytest.fail(f"helm install failed: {done.stderr}\n{pods[-3000:]}", pytrace=False)
+    # NOTES.txt tells a new user what to do next, with the names of this install
+    assert "kubectl -n finetune-system rollout status deployment/finetune" in done.stdout, done.stdout
+    assert "kubectl get finetunejobs -w" in done.stdout and "watching team-a, team-b" in done.stdout
     yield
     subprocess.run(
         [*helm, "uninstall", "finetune", "-n", RELEASE_NAMESPACE], capture_output=True, timeout=120

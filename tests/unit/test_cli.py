@@ -83,6 +83,7 @@ def test_plan_json_is_status_plan_in_a_versioned_document(capsys: pytest.Capture
     job = load_jobs(EXAMPLE)[0].job
     assert plan == plan_job(job.spec).to_status().model_dump(mode="json", by_alias=True, exclude_none=True)
     assert plan["fits"] is True and plan["gpus"] == 1 and "gpusPerNode" in plan and "perGpuBytes" in plan
+    assert plan["memoryPerGpu"] == "14.7 GiB of 73.6 GiB"  # what kubectl describe and get -o wide show
     assert main(["plan", "-f", EXAMPLE, "-o", "yaml"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == data
 

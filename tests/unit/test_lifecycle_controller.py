@@ -8,6 +8,7 @@ from typing import Any
 
 import kopf
 import pytest
+from kopf._core.intents.causes import Activity
 from kopf._core.intents.handlers import DaemonHandler
 from kubernetes.client.exceptions import ApiException
 from operator_fixtures import NOW, job_doc, pod_doc
@@ -86,6 +87,21 @@ def test_the_job_daemon_puts_no_finalizer_on_jobs() -> None:
     daemons = [h for h in registry._spawning._handlers if isinstance(h, DaemonHandler)]
     assert len(daemons) == 1 and daemons[0].requires_finalizer is False
     assert all(getattr(h, "requires_finalizer", False) in (False, None) for h in registry._changing._handlers)
+
+
+def test_events_are_attributed_to_the_operator_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "finetune-operator-7d9c-abcde")
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, Controller(Settings(), api=None, metrics=build_metrics()), Settings())  # type: ignore[arg-type]
+    settings = kopf.OperatorSettings()
+    for handler in registry._activities._handlers:
+        if handler.activity == Activity.STARTUP:
+            handler.fn(settings=settings)
+    posting = settings.posting
+    assert (posting.reporting_component, posting.reporting_instance) == (
+        "finetune-operator",
+        "finetune-operator-7d9c-abcde",
+    )
 
 
 def test_wake_reaches_only_loops_this_replica_runs() -> None:

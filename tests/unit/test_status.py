@@ -217,3 +217,8 @@ def test_progress_comes_from_the_trainers_report_and_survives_rank0_going_away()
     )
     assert progress_status(None, status) == status
     assert read_progress("{not json") is None and read_progress(None) is None
+
+
+def test_progress_shows_the_measured_peak_in_gib() -> None:
+    status = ProgressReport(step=1, total_steps=2, peak_memory_bytes=int(15.2 * 2**30)).to_status()
+    assert (status.peak_memory_bytes, status.peak_memory) == (int(15.2 * 2**30), "15.2 GiB")

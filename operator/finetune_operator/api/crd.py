@@ -40,6 +40,9 @@ PRINTER_COLUMNS = [
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "GPU", "type": "string", "jsonPath": ".status.plan.gpuType", "priority": 1},
+    {"name": "ZeRO", "type": "integer", "jsonPath": ".status.plan.zeroStage", "priority": 1},
+    {"name": "Memory/GPU", "type": "string", "jsonPath": ".status.plan.memoryPerGpu", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 

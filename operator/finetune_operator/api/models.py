@@ -608,6 +608,9 @@ class PlanStatus(ApiModel):
     gpu_type: str | None = Field(default=None, description="GPU product planned for.")
     per_gpu_bytes: int = Field(ge=0, description="Estimated peak memory per GPU.")
     usable_bytes: int = Field(ge=0, description="GPU memory less headroom.")
+    memory_per_gpu: str | None = Field(
+        default=None, description="The estimate against the usable memory, e.g. 14.7 GiB of 73.6 GiB."
+    )
     host_bytes_per_node: int = Field(
         default=0, ge=0, description="Host memory offloaded states need per node."
     )
@@ -648,6 +651,7 @@ class ProgressStatus(ApiModel):
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput, all GPUs.")
     peak_memory_bytes: int | None = Field(default=None, description="Measured peak GPU memory on rank 0.")
+    peak_memory: str | None = Field(default=None, description="The same in GiB, e.g. 15.2 GiB.")
     eta: str | None = Field(default=None, description="Estimated time left, e.g. 1h02m (only while Running).")
     eta_seconds: int | None = Field(
         default=None, ge=0, description="The same in seconds, for tools and alerts."

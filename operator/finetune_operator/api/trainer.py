@@ -33,6 +33,7 @@ from finetune_operator.api.models import (
     ProgressStatus,
     TrainingSpec,
 )
+from finetune_operator.api.text import gib
 
 #: torchrun behind a wrapper that exits with the first failed worker's own code (torchrun alone always
 #: exits 1), so the operator can tell a configuration error (never retried) from a preemption.
@@ -208,6 +209,7 @@ class ProgressReport(ApiModel):
             learning_rate=self.learning_rate,
             tokens_per_second=self.tokens_per_second,
             peak_memory_bytes=self.peak_memory_bytes,
+            peak_memory=None if self.peak_memory_bytes is None else gib(self.peak_memory_bytes),
             tokens=self.tokens,
             eta=None if eta is None else format_duration(eta),
             eta_seconds=None if eta is None else round(eta),

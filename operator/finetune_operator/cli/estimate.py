@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic.alias_generators import to_camel
 
 from finetune_operator.api.enums import AttentionImpl, Method, Offload, Optimizer, Precision, QuantType
+from finetune_operator.api.text import count
 from finetune_operator.cli.common import (
     CliError,
     HelpFormatter,
@@ -19,7 +20,6 @@ from finetune_operator.cli.common import (
 )
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture, load_hf_config
 from finetune_operator.core.estimate import TrainingSetup, estimate
-from finetune_operator.core.text import count
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from finetune_operator.api.models import FineTuneJob
+from finetune_operator.api.text import count
 from finetune_operator.cli.common import (
     HelpFormatter,
     add_filename_option,
@@ -19,7 +20,6 @@ from finetune_operator.cli.common import (
 )
 from finetune_operator.core.architecture import load_hf_config
 from finetune_operator.core.plan import Plan, plan
-from finetune_operator.core.text import count
 
 #: Exit status when the plan is made but the job does not fit, so scripts can tell it from bad input (2).
 DOES_NOT_FIT = 1

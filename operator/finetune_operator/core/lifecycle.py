@@ -35,6 +35,7 @@ from typing import Any, Literal
 from finetune_operator.api.enums import Phase
 from finetune_operator.api.exit_codes import PERMANENT_EXIT_CODES, describe
 from finetune_operator.api.models import CheckpointStatus, FineTuneJobSpec, FineTuneJobStatus, RunPolicySpec
+from finetune_operator.api.text import count
 from finetune_operator.core.desire import Desired, SpecProblem
 from finetune_operator.core.gang import JobRef
 from finetune_operator.core.status import (
@@ -54,7 +55,6 @@ from finetune_operator.core.status import (
     rfc3339,
     set_condition,
 )
-from finetune_operator.core.text import count
 
 #: How soon to look again while waiting for the API server to finish something (pods terminating).
 SHORT_REQUEUE_SECONDS = 1.0

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, Method, Offload
 from finetune_operator.api.methods import METHODS, NO_ZERO3_METHODS, SETTINGS_BLOCKS
 from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus
+from finetune_operator.api.text import count, gib
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
 from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
 from finetune_operator.core.hardware import gpu_model
 from finetune_operator.core.requests import WorkerRequests, worker_requests
-from finetune_operator.core.text import count
 
 GIB = 1024**3
 #: The largest job the planner considers: beyond this a fine-tune is a pre-training run in disguise.
@@ -71,6 +71,7 @@ class Plan:
             gpu_type=self.gpu_type,
             per_gpu_bytes=self.per_gpu_bytes,
             usable_bytes=self.usable_bytes,
+            memory_per_gpu=f"{gib(self.per_gpu_bytes)} of {gib(self.usable_bytes)}",
             host_bytes_per_node=self.host_bytes_per_node,
             worker_memory_bytes=self.requests.memory_bytes,
             worker_ephemeral_storage_bytes=self.requests.ephemeral_storage_bytes,

@@ -1,0 +1,15 @@
+"""How numbers read in messages, `kubectl describe` and ftctl: they are sentences and human units."""
+
+from __future__ import annotations
+
+GIB = 1024**3
+
+
+def count(number: int, noun: str) -> str:
+    """`1 GPU`, `2 GPUs`, `1 worker`: never `1 GPUs` or `worker(s)`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def gib(size: int) -> str:
+    """Bytes as `14.7 GiB`: what `nvidia-smi` users compare with."""
+    return f"{size / GIB:.1f} GiB"
