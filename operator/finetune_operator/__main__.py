@@ -19,7 +19,8 @@ import kopf
 from finetune_operator import handlers
 from finetune_operator import settings as settings_module
 from finetune_operator.adapters import metrics_server
-from finetune_operator.adapters.kube import JobApi, connect
+from finetune_operator.adapters.kube import JobApi
+from finetune_operator.client import connect
 from finetune_operator.controller import Controller
 from finetune_operator.metrics import build_metrics
 

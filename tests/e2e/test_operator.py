@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from finetune_operator.api.models import parse_job
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport
 from finetune_operator.cli import main as ftctl
+from finetune_operator.client import DoesNotFit, FineTuneClient
 from finetune_operator.core.plan import plan
 from finetune_trainer.progress import PodAnnotationReporter
 
@@ -930,3 +931,62 @@ def test_two_peered_replicas_under_the_charts_rbac_one_acts_and_the_other_takes_
             process.stop()
             print(f"--- {process.log.name} ---\n{process.tail(40)}")
         delete_cluster_scoped(cluster, documents)
+
+
+def test_the_sdk_and_ftctl_submit_follow_and_wait_for_jobs(
+    cluster: Cluster, core: CoreV1Api, operator: Operator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a notebook (FineTuneClient) and a terminal (ftctl submit/get/status/wait) do, end to end."""
+    ns = operator.namespace
+    client = FineTuneClient(namespace=ns, kubeconfig=str(cluster.kubeconfig))
+    target = ["-n", ns, "--kubeconfig", str(cluster.kubeconfig)]
+    with pytest.raises(DoesNotFit, match="does not fit on 1 GPU"):
+        client.submit(misfit("too-large"))
+    assert client.list_jobs() == []  # a misfit never reaches the cluster
+
+    planned = client.submit(example("sdk"))
+    assert (planned.gpus, planned.fits) == (1, True)
+    running = client.wait("sdk", until=lambda s: s.phase == "Running", timeout=TIMEOUT, poll_seconds=0.5)
+    assert running.workers is not None and running.workers.running == 1
+
+    assert ftctl(["get", *target]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == [
+        "NAME",
+        "PHASE",
+        "METHOD",
+        "GPUS",
+        "PROGRESS",
+        "LOSS",
+        "ETA",
+        "RESTARTS",
+        "AGE",
+    ]
+    assert table[1].split()[:4] == ["sdk", "Running", "lora", "1"]
+
+    def status_text() -> str:
+        assert ftctl(["status", "sdk", *target]) == 0
+        return capsys.readouterr().out
+
+    eventually(lambda: "CreatedWorkers" in status_text(), "events in ftctl status", operator.tail)
+    text = status_text()
+    assert text.startswith(f"FineTuneJob {ns}/sdk: Running, 1 worker running")
+    assert "Plan:        1 GPU on 1 node, ZeRO-0" in text and "Conditions:" in text
+    assert "finetune-operator" in text  # the events' source is the operator, not kopf
+
+    finish_pod(core, ns, "sdk-worker-0", 0)
+    assert client.wait("sdk", timeout=TIMEOUT, poll_seconds=0.5).phase == "Succeeded"
+    assert ftctl(["wait", "sdk", "--timeout", "10", *target]) == 0
+    assert capsys.readouterr().out.startswith("finetunejob.finetune.dev/sdk Succeeded")
+
+    # ftctl submit, then a job that fails: wait exits 1 and says why
+    manifest = Path(operator.log).with_name("broken.yaml")
+    manifest.write_text(yaml.safe_dump(example("broken")))
+    assert ftctl(["submit", "-f", str(manifest), *target]) == 0
+    assert "finetunejob.finetune.dev/broken submitted to" in capsys.readouterr().out
+    client.wait("broken", until=lambda s: s.phase == "Running", timeout=TIMEOUT, poll_seconds=0.5)
+    finish_pod(core, ns, "broken-worker-0", 78)  # a configuration error: never retried
+    assert ftctl(["wait", "broken", "--timeout", str(TIMEOUT), *target]) == 1
+    assert "FineTuneJob broken failed: ConfigError" in capsys.readouterr().err
+    assert ftctl(["status", "nobody", *target]) == 1
+    assert "Error from server (NotFound)" in capsys.readouterr().err

@@ -254,8 +254,17 @@ def test_the_demo_job_trains_in_real_pods_to_succeeded(team_a: Jobs) -> None:
     saved; the trainer's ServiceAccount was made by the operator in a namespace nobody prepared."""
     team_a.apply(job_manifest("demo"))
     running = team_a.wait("demo", "training", lambda j: phase(j) == "Running" and step(j) > 0)
+    # `ftctl logs -f` streams rank 0's log as it is written and returns when the worker ends
+    follow = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "ftctl"), "logs", "demo", "-f", "-n", team_a.namespace,
+         "--kubeconfig", str(team_a.cluster.kubeconfig)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     job = team_a.wait("demo", "Succeeded", lambda j: phase(j) in ("Succeeded", "Failed"))
     assert phase(job) == "Succeeded", job["status"]
+    streamed, errors = follow.communicate(timeout=60)
+    assert follow.returncode == 0, errors
+    assert "training on CPU, gloo" in streamed and "checkpoint" in streamed, streamed[-2000:]
     assert step(job) == DEMO["spec"]["training"]["maxSteps"] > step(running)
 
     pods = team_a.core.list_namespaced_pod(

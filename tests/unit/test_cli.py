@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from finetune_operator.cli import main
-from finetune_operator.cli.common import CliError, load_job, load_jobs
+from finetune_operator.cli.common import CliError
 from finetune_operator.core.plan import plan as plan_job
+from finetune_operator.manifests import load_job, load_jobs
 
 EXAMPLE = "examples/llama2-7b-alpaca-lora.yaml"
 FTCTL = str(Path(sys.executable).with_name("ftctl"))

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import kopf
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
@@ -31,18 +31,6 @@ RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 #: 403s that clear by themselves (a quota frees up when other work ends) or by an admin fixing RBAC;
 #: any other 403 is an admission plugin refusing this object (e.g. a missing PriorityClass): permanent.
 RETRYABLE_FORBIDDEN = ("exceeded quota", " cannot ")
-
-
-def connect(kubeconfig: str | None = None) -> client.ApiClient:
-    """An API client: an explicit kubeconfig, else the pod's service account, else $KUBECONFIG or
-    ~/.kube/config (the same order kopf's own login follows)."""
-    if kubeconfig:
-        return cast(client.ApiClient, config.new_client_from_config(config_file=kubeconfig))  # type: ignore[no-untyped-call]
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
-    except config.ConfigException:
-        return cast(client.ApiClient, config.new_client_from_config())  # type: ignore[no-untyped-call]
 
 
 def connection_info(api_client: client.ApiClient) -> kopf.ConnectionInfo:

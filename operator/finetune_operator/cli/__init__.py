@@ -1,4 +1,5 @@
-"""`ftctl`: estimate GPU memory, plan a FineTuneJob, or run one locally, before it reaches the cluster.
+"""`ftctl`: estimate GPU memory and plan FineTuneJobs before they reach the cluster, run one locally, and
+submit, follow and wait for them in the cluster (also as the kubectl plugin `kubectl finetune`).
 
 Each subcommand lives in its own module with `add_parser(subparsers)` and `run(args) -> int`; bad input
 exits 2 with one line naming the problem, never a traceback.
@@ -9,20 +10,51 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
-from finetune_operator import __version__
-from finetune_operator.cli import completion, estimate, models, plan, render, train
-from finetune_operator.cli.common import CliError
+from kubernetes.client.exceptions import ApiException
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (estimate, plan, render, train, models, completion)
+from finetune_operator import __version__
+from finetune_operator.cli import (
+    completion,
+    estimate,
+    get,
+    logs,
+    models,
+    plan,
+    render,
+    status,
+    submit,
+    train,
+    wait,
+)
+from finetune_operator.cli.common import CliError, api_message
+
+SUBCOMMANDS: tuple[ModuleType, ...] = (
+    estimate,
+    plan,
+    render,
+    submit,
+    get,
+    status,
+    logs,
+    wait,
+    train,
+    models,
+    completion,
+)
 USAGE_ERROR = 2
+API_ERROR = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Installed twice: as `ftctl`, and as `kubectl-finetune`, which kubectl runs for `kubectl finetune`.
+    plugin = Path(sys.argv[0]).name == "kubectl-finetune"
     parser = argparse.ArgumentParser(
-        prog="ftctl",
-        description="Plan and try FineTuneJobs: how much GPU memory, how many GPUs, which ZeRO stage.",
+        prog="kubectl finetune" if plugin else "ftctl",
+        description="Plan, try, submit and follow FineTuneJobs: how much GPU memory, how many GPUs, which "
+        "ZeRO stage; then phase, progress, logs.",
     )
     parser.add_argument("--version", action="version", version=f"ftctl {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ValueError, OSError) as exc:
         print(f"ftctl {args.command}: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except ApiException as exc:  # the cluster said no (NotFound, Forbidden, ...): kubectl's exit status
+        print(f"ftctl {args.command}: {api_message(exc)}", file=sys.stderr)
+        return API_ERROR
     return code
 
 

@@ -15,11 +15,11 @@ from finetune_operator.cli.common import (
     document,
     emit_all,
     gib,
-    load_jobs,
     local_architecture,
 )
 from finetune_operator.core.architecture import load_hf_config
 from finetune_operator.core.plan import Plan, plan
+from finetune_operator.manifests import load_jobs
 
 #: Exit status when the plan is made but the job does not fit, so scripts can tell it from bad input (2).
 DOES_NOT_FIT = 1

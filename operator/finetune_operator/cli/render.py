@@ -16,10 +16,11 @@ import json
 import sys
 from typing import Any
 
-from finetune_operator.cli.common import HelpFormatter, add_filename_option, add_output_option, load_jobs
+from finetune_operator.cli.common import HelpFormatter, add_filename_option, add_output_option
 from finetune_operator.core.desire import SpecProblem, desire
 from finetune_operator.core.gang import JobRef
 from finetune_operator.core.render import to_yaml
+from finetune_operator.manifests import load_jobs
 from finetune_operator.scheduling import refiner_for
 from finetune_operator.settings import from_env
 

@@ -31,11 +31,11 @@ from finetune_operator.cli.common import (
     CliError,
     HelpFormatter,
     add_filename_option,
-    load_job,
     local_architecture,
 )
 from finetune_operator.core.plan import plan
 from finetune_operator.core.trainer_config import render_trainer_config
+from finetune_operator.manifests import load_job
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
