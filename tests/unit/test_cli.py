@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune_operator.api.enums import Method
 from finetune_operator.cli import main
-from finetune_operator.cli.common import CliError
+from finetune_operator.core.calibration import underestimate_margins
 from finetune_operator.core.plan import plan as plan_job
-from finetune_operator.manifests import load_job, load_jobs
+from finetune_operator.manifests import ManifestError, load_job, load_jobs
 
 EXAMPLE = "examples/llama2-7b-alpaca-lora.yaml"
 FTCTL = str(Path(sys.executable).with_name("ftctl"))
@@ -115,7 +116,7 @@ def test_plan_reads_stdin_directories_and_every_document(
     second_at = text.count("\n") + other.count("\n") + 2 + first_line(second)
     assert names == [("llama2-7b-alpaca-lora", str(first_line(text))), ("second", str(second_at))]
     # a command that runs one job says so rather than dropping the second
-    with pytest.raises(CliError, match="ftctl train takes one FineTuneJob"):
+    with pytest.raises(ManifestError, match="ftctl train takes one FineTuneJob"):
         load_job(str(tmp_path / "two.yaml"), "ftctl train")
 
 
@@ -165,7 +166,7 @@ def test_invalid_job_names_the_field_and_where_it_is(tmp_path: Path) -> None:
     typo = Path(EXAMPLE).read_text().replace("learningRate:", "learningRat:")
     (tmp_path / "typo.yaml").write_text(typo)
     with pytest.raises(
-        CliError,
+        ManifestError,
         match=rf"typo.yaml:{position_of(typo, 'learningRat:')}: spec.training.learningRat: unknown field",
     ):
         load_jobs(str(tmp_path / "typo.yaml"))
@@ -173,11 +174,11 @@ def test_invalid_job_names_the_field_and_where_it_is(tmp_path: Path) -> None:
 
 def test_yaml_that_does_not_parse_says_where(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("kind: FineTuneJob\nspec:\n  model: [unclosed\n")
-    with pytest.raises(CliError, match=r"bad.yaml:4:1: not YAML: "):
+    with pytest.raises(ManifestError, match=r"bad.yaml:4:1: not YAML: "):
         load_jobs(str(tmp_path / "bad.yaml"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
-    with pytest.raises(CliError, match="other: no FineTuneJob document"):
+    with pytest.raises(ManifestError, match="other: no FineTuneJob document"):
         load_jobs(str(tmp_path / "other"))
 
 
@@ -261,3 +262,30 @@ def test_render_of_a_job_that_cannot_run_prints_why_and_exits_1(
     assert captured.err.startswith(
         f"ftctl render: {path}:1: InvalidSpec: resources.gpus 9 cannot be spread evenly"
     )
+
+
+def test_estimates_explain_their_peak_and_their_uncertainty(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", "--model", "meta-llama/Llama-2-7b-hf", "--method", "full"]) == 0
+    table = capsys.readouterr().out
+    assert "peak at the optimizer step" in table and "(3.19 GiB at their own peak, in backward)" in table
+    assert "24.0 B per parameter, not the rule of thumb's 16" in table
+    data = run_json(capsys, "estimate", "--model", "meta-llama/Llama-2-7b-hf", "--method", "full")
+    assert data["peakPhase"] == "optimizer_step" and data["activationBytesAtTheirPeak"] > 0
+    # a QLoRA plan with less headroom than QLoRA's published measurements ran above estimates says so
+    qlora = run_json(capsys, "plan", "-f", "examples/qwen2.5-7b-qlora-l4.yaml")["plan"]
+    assert isinstance(qlora, dict) and qlora["peakPhase"] == "backward"
+    assert qlora["estimateMargin"] == round(underestimate_margins()[Method.QLORA], 3) > 0.3
+    assert "within the estimate's uncertainty: measured qlora peaks ran up to" in qlora["message"]
+    roomy = run_json(capsys, "plan", "-f", EXAMPLE)["plan"]
+    assert isinstance(roomy, dict) and "uncertainty" not in roomy["message"]  # 5x headroom
+
+
+def test_a_sequence_longer_than_the_models_context_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "long.yaml").write_text(
+        Path(EXAMPLE).read_text().replace("maxSeqLength: 512", "maxSeqLength: 1000000")
+    )
+    result = subprocess.run(
+        [FTCTL, "plan", "-f", str(tmp_path / "long.yaml")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "dataset.maxSeqLength 1000000 is longer than the model's context (4096 tokens" in result.stderr

@@ -96,6 +96,11 @@ class ArchitectureSpec(ApiModel):
         default="gated",
         description="gated: SwiGLU/GeGLU with three matrices (Llama); plain: two (BERT, GPT-2).",
     )
+    max_position_embeddings: int | None = Field(
+        default=None,
+        ge=1,
+        description="Context length (max_position_embeddings); when set, dataset.maxSeqLength may not exceed it.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -623,7 +628,19 @@ class PlanStatus(ApiModel):
     checkpoint_seconds: int = Field(
         default=0, ge=0, description="Estimated time to write a checkpoint: the least termination grace."
     )
-    breakdown: dict[str, int] = Field(default_factory=dict, description="Per-GPU bytes by component.")
+    breakdown: dict[str, int] = Field(
+        default_factory=dict, description="Per-GPU bytes by component, at the peak moment."
+    )
+    peak_phase: str | None = Field(
+        default=None,
+        description="When the peak is reached: backward (activations alive) or optimizer_step (all gradients "
+        "and the optimizer's temporaries; activations freed).",
+    )
+    estimate_margin: float | None = Field(
+        default=None,
+        description="How far published measured peaks of this method ran above the estimate at most "
+        "(0.25 = 25%); a plan with less headroom than this says so in its message.",
+    )
     total_params: int = Field(default=0, ge=0, description="Parameters in the model.")
     trainable_params: int = Field(default=0, ge=0, description="Parameters that train.")
     message: str = Field(default="", description="The planner's explanation.")

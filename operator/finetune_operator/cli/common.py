@@ -14,6 +14,7 @@ import yaml
 
 from finetune_operator.client import FineTuneClient
 from finetune_operator.core.architecture import ModelArchitecture, load_hf_config
+from finetune_operator.core.estimate import MemoryEstimate
 
 GIB = 1024**3
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "overhead")
@@ -136,3 +137,24 @@ def api_message(exc: Any) -> str:
         return f"Error from server ({body.get('reason', exc.status)}): {body.get('message', exc.reason)}"
     except (TypeError, ValueError):
         return f"Error from server ({exc.status}): {exc.reason}"
+
+
+def explain_peak(estimate: MemoryEstimate, zero_stage: int) -> list[str]:
+    """Why the total is what it is: the moment of the peak and, for full tuning, the bytes per parameter
+    against the 16 B rule of thumb."""
+    if estimate.peak_phase == "optimizer_step":
+        lines = [
+            "  peak at the optimizer step: every gradient and the optimizer's temporaries are alive; the "
+            f"activations ({gib(estimate.activation_bytes)} at their own peak, in backward) are freed by then"
+        ]
+    else:
+        lines = ["  peak in backward: the activations are alive, the gradients not all computed yet"]
+    states = sum(estimate.breakdown.get(k, 0) for k in ("weights", "gradients", "optimizer"))
+    per_param = states / estimate.total_params if estimate.total_params else 0.0
+    if zero_stage == 0 and estimate.trainable_params == estimate.total_params and per_param > 16.5:
+        lines.append(
+            f"  {per_param:.1f} B per parameter, not the rule of thumb's 16 (16-bit weights and gradients, fp32 "
+            "master and Adam's two moments): DeepSpeed also keeps fp32 gradients (4 B) and the step needs "
+            "temporaries"
+        )
+    return lines

@@ -17,6 +17,7 @@ from finetune_operator.cli.common import (
     breakdown_table,
     document,
     emit,
+    explain_peak,
 )
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture, load_hf_config
 from finetune_operator.core.estimate import TrainingSetup, estimate
@@ -121,9 +122,8 @@ def run(args: argparse.Namespace) -> int:
         f"ZeRO-{setup.zero_stage}, offload {setup.offload.value}, {count(setup.world_size, 'GPU')}",
         "  component          per GPU",
     ]
-    table = (
-        "\n".join(header + breakdown_table(result.breakdown, result.per_gpu_bytes, result.host_bytes)) + "\n"
-    )
+    rows = breakdown_table(result.breakdown, result.per_gpu_bytes, result.host_bytes)
+    table = "\n".join([*header, *rows, *explain_peak(result, setup.zero_stage)]) + "\n"
     data = document(
         "Estimate",
         {
@@ -131,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             "perGpuBytes": result.per_gpu_bytes,
             "breakdown": dict(result.breakdown),
             "hostBytes": result.host_bytes,
+            "peakPhase": result.peak_phase,
+            "activationBytesAtTheirPeak": result.activation_bytes,
             "totalParams": result.total_params,
             "trainableParams": result.trainable_params,
             "setup": {

@@ -14,6 +14,7 @@ from finetune_operator.cli.common import (
     breakdown_table,
     document,
     emit_all,
+    explain_peak,
     gib,
     local_architecture,
 )
@@ -81,5 +82,6 @@ def table(job: FineTuneJob, result: Plan) -> str:
         f"{result.requests.checkpoint_seconds} s to write",
         "  component          per GPU",
         *breakdown_table(result.estimate.breakdown, result.per_gpu_bytes, result.estimate.host_bytes),
+        *explain_peak(result.estimate, result.zero_stage),
     ]
     return "\n".join(lines) + "\n"

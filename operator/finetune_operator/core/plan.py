@@ -16,6 +16,7 @@ from finetune_operator.api.methods import METHODS, NO_ZERO3_METHODS, SETTINGS_BL
 from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus
 from finetune_operator.api.text import count, gib
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
+from finetune_operator.core.calibration import underestimate_margins
 from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
 from finetune_operator.core.hardware import gpu_model
 from finetune_operator.core.requests import WorkerRequests, worker_requests
@@ -51,6 +52,8 @@ class Plan:
     #: Host memory, local disk and checkpoint time per worker (core/requests.py).
     requests: WorkerRequests
     suggestions: tuple[str, ...] = field(default=())
+    #: How far measured peaks of this method ran above the estimate at most (core/calibration.py).
+    margin: float = 0.0
 
     @property
     def per_gpu_bytes(self) -> int:
@@ -77,6 +80,8 @@ class Plan:
             worker_ephemeral_storage_bytes=self.requests.ephemeral_storage_bytes,
             checkpoint_seconds=self.requests.checkpoint_seconds,
             breakdown=dict(self.estimate.breakdown),
+            peak_phase=self.estimate.peak_phase,
+            estimate_margin=round(self.margin, 3),
             total_params=self.estimate.total_params,
             trainable_params=self.estimate.trainable_params,
             message=self.message,
@@ -97,6 +102,7 @@ def architecture_for(model: ModelSpec) -> ModelArchitecture:
             tie_embeddings=a.tie_embeddings,
             mlp=a.mlp,
             head_dim=a.head_dim,
+            max_position_embeddings=a.max_position_embeddings or ModelArchitecture.max_position_embeddings,
         )
     if model.name is None:
         raise PlanningError(
@@ -207,7 +213,17 @@ def plan(
 
     With `explain`, a job that fits nowhere is re-planned in cheaper variants to say what would fit.
     """
+    context_known = (
+        arch is not None
+        or spec.model.architecture is None
+        or bool(spec.model.architecture.max_position_embeddings)
+    )
     arch = arch or architecture_for(spec.model)
+    if context_known and spec.dataset.max_seq_length > arch.max_position_embeddings:
+        raise PlanningError(
+            f"dataset.maxSeqLength {spec.dataset.max_seq_length} is longer than the model's context "
+            f"({arch.max_position_embeddings} tokens, max_position_embeddings)"
+        )
     memory, gpu_type = gpu_memory_bytes(spec)
     usable = int(memory * (1 - spec.resources.memory_headroom))
     gpn = spec.resources.gpus_per_node
@@ -280,6 +296,12 @@ def _planned(
         f"{'' if offload == Offload.NONE else f' with {offload.value} offload'}: "
         f"{result.per_gpu_bytes / GIB:.1f} GiB per GPU of {usable / GIB:.1f} GiB usable"
     )
+    margin = underestimate_margins()[spec.method.type]
+    if fits and usable < result.per_gpu_bytes * (1 + margin):
+        summary += (
+            f", within the estimate's uncertainty: measured {spec.method.type.value} peaks ran up to "
+            f"{margin:.0%} above estimates like this one"
+        )
     requests = worker_requests(
         spec,
         gpus=gpus,
@@ -302,6 +324,7 @@ def _planned(
         gpu_type=gpu_type,
         message=f"{note}: {summary}" if note else summary,
         suggestions=suggestions,
+        margin=margin,
     )
 
 
