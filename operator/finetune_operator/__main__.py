@@ -18,7 +18,7 @@ import kopf
 
 from finetune_operator import handlers
 from finetune_operator import settings as settings_module
-from finetune_operator.adapters import metrics_server
+from finetune_operator.adapters import metrics_server, preflight
 from finetune_operator.adapters.kube import JobApi
 from finetune_operator.client import connect
 from finetune_operator.controller import Controller
@@ -97,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     metrics = build_metrics(retention_seconds=settings.metrics.finished_retention_seconds)
-    controller = Controller(settings, JobApi(connect(args.kubeconfig)), metrics)
+    api_client = connect(args.kubeconfig)
+    found = preflight.problems(api_client, settings)
+    for problem in found:
+        logging.getLogger("finetune_operator").error("cannot act: %s", problem)
+    controller = Controller(settings, JobApi(api_client), metrics, preflight_problems=tuple(found))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller, settings)
     metrics_server.serve(metrics.registry, settings.metrics.port)

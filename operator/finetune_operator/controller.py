@@ -70,10 +70,14 @@ class Controller:
         settings: Settings,
         api: JobApi,
         metrics: OperatorMetrics,
+        preflight_problems: tuple[str, ...] = (),
     ) -> None:
         self.settings = settings
         self.api = api
         self.metrics = metrics
+        #: What kept this replica from acting when it started (adapters/preflight.py); the health
+        #: endpoint reports it.
+        self.preflight_problems = preflight_problems
         self._wakers: dict[tuple[str, str], asyncio.Event] = {}
 
     def credentials(self) -> kopf.ConnectionInfo:

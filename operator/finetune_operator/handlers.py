@@ -47,6 +47,11 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
             settings.admission.server = build_server(webhook)
             settings.admission.managed = webhook.configuration or None
 
+    @kopf.on.probe(registry=registry, id="preflight")
+    def preflight(**_: Any) -> dict[str, Any]:
+        # /healthz shows what kept this replica from acting when it started (empty when nothing).
+        return {"problems": list(controller.preflight_problems)}
+
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         # An explicit registry starts without kopf's default logins; kopf uses the adapter's credentials.

@@ -7,7 +7,7 @@ Shared by `ftctl` and `FineTuneClient.submit`, so a job the SDK submits is read 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,25 +48,29 @@ def read_sources(filename: str) -> list[tuple[str, str]]:
     return [(str(path), path.read_text())]
 
 
-def load_jobs(filename: str) -> list[LoadedJob]:
+#: Fills in what a document may leave out in one context (ftctl train: the GPU of this machine).
+Completer = Callable[[dict[str, Any]], None]
+
+
+def load_jobs(filename: str, complete: Completer | None = None) -> list[LoadedJob]:
     """Every FineTuneJob in what `-f` names (documents of other kinds are skipped, as `kubectl apply -f`
     would send them elsewhere), validated; errors say file:line:column and the field."""
-    jobs = [job for name, text in read_sources(filename) for job in _jobs_in(name, text)]
+    jobs = [job for name, text in read_sources(filename) for job in _jobs_in(name, text, complete)]
     if not jobs:
         raise ManifestError(f"{'<stdin>' if filename == '-' else filename}: no FineTuneJob document")
     return jobs
 
 
-def load_job(filename: str, command: str) -> FineTuneJob:
+def load_job(filename: str, command: str, complete: Completer | None = None) -> FineTuneJob:
     """The one FineTuneJob a command that runs a single job needs."""
-    jobs = load_jobs(filename)
+    jobs = load_jobs(filename, complete)
     if len(jobs) > 1:
         where = ", ".join(j.where for j in jobs)
         raise ManifestError(f"{command} takes one FineTuneJob; {filename} has {len(jobs)} ({where})")
     return jobs[0].job
 
 
-def _jobs_in(name: str, text: str) -> list[LoadedJob]:
+def _jobs_in(name: str, text: str, complete: Completer | None) -> list[LoadedJob]:
     try:
         documents = [node for node in yaml.compose_all(text, Loader=yaml.SafeLoader) if node is not None]
     except yaml.YAMLError as exc:
@@ -79,6 +83,8 @@ def _jobs_in(name: str, text: str) -> list[LoadedJob]:
         document = yaml.SafeLoader("").construct_document(node)
         if not (isinstance(document, dict) and document.get("kind") == "FineTuneJob"):
             continue
+        if complete is not None:
+            complete(document)
         try:
             job = parse_job(document)
         except ValidationError as exc:

@@ -990,3 +990,18 @@ def test_the_sdk_and_ftctl_submit_follow_and_wait_for_jobs(
     assert "FineTuneJob broken failed: ConfigError" in capsys.readouterr().err
     assert ftctl(["status", "nobody", *target]) == 1
     assert "Error from server (NotFound)" in capsys.readouterr().err
+
+
+def test_an_operator_that_cannot_act_says_why_in_its_log(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Without --standalone and without its peering object kopf would wait in silence."""
+    process = Operator(
+        cluster, namespace, tmp_path / "operator.log", args=("--peering-name", "nobody")
+    ).start()
+    try:
+        expected = f"cannot act: no KopfPeering in namespace {namespace} named 'nobody'"
+        eventually(lambda: expected in process.tail(200), "the preflight error", process.tail)
+        assert "run a single replica with --standalone" in process.tail(200)
+    finally:
+        process.stop()

@@ -269,8 +269,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_retryable(
 
 
 def test_ftctl_train_runs_a_finetunejob_locally(
-    tmp_path: Path, tiny_llama_dir: Path, text_data: Path
+    tmp_path: Path, tiny_llama_dir: Path, text_data: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    """On a laptop: no GPU type to name, readable lines, a log and a summary; a finished run is not
+    overwritten by accident, and a checkpoint of another configuration is a one-line configuration error."""
     from finetune_operator.cli import main
 
     job = {
@@ -290,7 +292,7 @@ def test_ftctl_train_runs_a_finetunejob_locally(
                 "loggingSteps": 5,
             },
             "checkpointing": {"saveSteps": 10, "saveTotalLimit": 2},
-            "resources": {"gpuMemoryGiB": 80, "gpusPerNode": 1},
+            "resources": {"gpusPerNode": 1},  # planned for this machine's memory
             "distributed": {"zeroStage": 2},
             "output": {"uri": "/nonexistent/replaced-by-output-dir"},
         },
@@ -308,3 +310,25 @@ def test_ftctl_train_runs_a_finetunejob_locally(
     assert (summary["jobName"], summary["worldSize"], summary["zeroStage"]) == ("local-lora", 2, 2)
     assert summary["estimatedPerGpuBytes"] == rendered.estimate_bytes
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    err = capfd.readouterr().err
+    assert "step 30/30 (100%) loss " in err and "tokens/s" in err  # one plain line per log: not a terminal
+    assert "{'loss'" not in err  # HF's raw dicts of strings are gone
+    assert f"ftctl train: saved to {tmp_path / 'out'}" in err
+    logged = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30] and all("loss" in r for r in logged)
+
+    # the same output again: refused, the finished run is kept
+    again = ["train", "-f", str(job_file), "--nproc-per-node", "2", "--output-dir", str(tmp_path / "out")]
+    assert main(again) == 2
+    assert "holds a finished run (training_summary.json); use another --output-dir, or --overwrite" in (
+        capfd.readouterr().err
+    )
+    # an interrupted run (no summary) resumes; with another LoRA rank its checkpoint cannot load
+    (tmp_path / "out" / "training_summary.json").unlink()
+    job["spec"]["method"] = {"type": "lora", "lora": {"r": 16}}
+    job_file.write_text(yaml.safe_dump(job))
+    assert main(again) == ExitCode.CONFIG_ERROR
+    err = capfd.readouterr().err
+    assert "was saved by a different configuration" in err and "size mismatch" in err, err[-3000:]
+    assert "Traceback" not in err  # the one line says it all

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code = exit_code_for(exc)
         log.error("failed (%s, exit %d): %s", code.name, code, exc)
-        traceback.print_exc()
+        if code != ExitCode.CONFIG_ERROR:  # a configuration error's one line says it all
+            traceback.print_exc()
         return int(code if code != ExitCode.SUCCESS else ExitCode.RETRYABLE)
 
 

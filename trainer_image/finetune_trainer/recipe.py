@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -36,8 +38,15 @@ from transformers import (
 from finetune_operator.api.enums import Optimizer, Precision
 from finetune_operator.api.exit_codes import ExitCode
 from finetune_operator.api.methods import MERGE_RULE
-from finetune_operator.api.trainer import SUMMARY_FILE, ProgressReport, ProgressState, TrainerConfig
+from finetune_operator.api.trainer import (
+    SUMMARY_FILE,
+    TRAIN_LOG_FILE,
+    ProgressReport,
+    ProgressState,
+    TrainerConfig,
+)
 from finetune_trainer import checkpoints, methods
+from finetune_trainer.console import Console, TrainLog
 from finetune_trainer.data import DataBundle, build_datasets
 from finetune_trainer.deepspeed import render_deepspeed_config
 from finetune_trainer.exit_codes import ConfigurationError
@@ -116,8 +125,16 @@ def peak_memory() -> tuple[int | None, int | None]:
 class ProgressCallback(TrainerCallback):
     """Turns HF's logs into ProgressReports (rank 0) and Prometheus gauges (every rank)."""
 
-    def __init__(self, stats: RunStats, reporter: ThrottledReporter | None, metrics: TrainerMetrics) -> None:
+    def __init__(
+        self,
+        stats: RunStats,
+        reporter: ThrottledReporter | None,
+        metrics: TrainerMetrics,
+        console: Console | None = None,
+        train_log: TrainLog | None = None,
+    ) -> None:
         self.stats, self.reporter, self.metrics = stats, reporter, metrics
+        self.console, self.train_log = console, train_log
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -125,7 +142,21 @@ class ProgressCallback(TrainerCallback):
         self.stats.start_time = time.monotonic()
         self.stats.start_step = state.global_step
         self.stats.start_tokens = int(state.num_input_tokens_seen)
+        if self.console is not None:
+            self.console.start(state.max_steps, state.global_step)
         self.send(state, "training", force=True)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.console is not None:
+            self.console.step(state.global_step)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.console is not None:
+            self.console.close()
 
     def on_log(
         self,
@@ -148,13 +179,19 @@ class ProgressCallback(TrainerCallback):
         tokens = int(state.num_input_tokens_seen) - self.stats.start_tokens
         if elapsed > 0 and tokens > 0:
             self.stats.tokens_per_second = tokens / elapsed
-        self.send(state, "training")
+        report = self.send(state, "training")
+        if "loss" in logs or "eval_loss" in logs:
+            if self.console is not None:
+                self.console.show(report)
+            if self.train_log is not None:
+                self.train_log.append(report)
 
-    def send(self, state: TrainerState, phase: ProgressState, force: bool = False) -> None:
+    def send(self, state: TrainerState, phase: ProgressState, force: bool = False) -> ProgressReport:
         report = self.build(state, phase)
         self.metrics.update(report)
         if self.reporter is not None:
             self.reporter.report(report, force=force)
+        return report
 
     def build(self, state: TrainerState, phase: ProgressState) -> ProgressReport:
         ckpt = self.stats.last_checkpoint
@@ -322,7 +359,9 @@ def setup(config: TrainerConfig, preemption: Preemption) -> Session:
     rank = args.process_index
     metrics = start_metrics(config.job_name, rank, config.progress.metrics_port)
     reporter = build_reporter(config) if args.should_save else None
-    progress = ProgressCallback(stats, reporter, metrics)
+    console = Console(terminal=sys.stderr.isatty()) if args.should_save else None
+    train_log = TrainLog(Path(config.paths.output) / TRAIN_LOG_FILE) if args.should_save else None
+    progress = ProgressCallback(stats, reporter, metrics, console, train_log)
     callbacks: list[TrainerCallback] = [
         progress,
         CheckpointCallback(
@@ -345,6 +384,7 @@ def setup(config: TrainerConfig, preemption: Preemption) -> Session:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # raw dicts of strings; the console shows readable lines
     return Session(
         config,
         method,
@@ -365,6 +405,11 @@ def setup(config: TrainerConfig, preemption: Preemption) -> Session:
 # --- train ----------------------------------------------------------------------------------------------
 
 
+#: How torch and PEFT say a checkpoint's tensors do not fit the model (a changed LoRA rank, target
+#: modules or model): retrying would fail the same way.
+MISMATCH_SIGNS = ("size mismatch", "Missing key(s)", "Unexpected key(s)")
+
+
 def train(session: Session) -> bool:
     """Train, resuming from the newest complete checkpoint; False when stopped by SIGTERM."""
     root = session.config.paths.checkpoints
@@ -377,7 +422,16 @@ def train(session: Session) -> bool:
     if resume is not None:
         log.info("resuming from %s (step %d)", resume.path, resume.step)
         session.stats.last_checkpoint = resume
-    session.trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    try:
+        session.trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    except RuntimeError as exc:
+        if resume is None or not any(sign in str(exc) for sign in MISMATCH_SIGNS):
+            raise
+        first = str(exc).strip().splitlines()[-1][:300]
+        raise ConfigurationError(
+            f"{resume.path} was saved by a different configuration ({first}); resume with the spec it was "
+            "made with, or train into a new output directory"
+        ) from exc
     return not session.preemption.requested
 
 
@@ -478,7 +532,16 @@ def run(config: TrainerConfig) -> ExitCode:
         )
         cleanup()
         return ExitCode.RETRYABLE
-    save(session)
+    summary = save(session)
     session.progress.send(session.trainer.state, "completed", force=True)
+    if session.args.should_save:
+        log.info(
+            "done: %d steps, final loss %s; saved to %s (%s, %s)",
+            summary["steps"],
+            "n/a" if summary["finalLoss"] is None else f"{summary['finalLoss']:.4g}",
+            config.paths.output,
+            SUMMARY_FILE,
+            TRAIN_LOG_FILE,
+        )
     cleanup()
     return ExitCode.SUCCESS

@@ -51,6 +51,9 @@ PROGRESS_FILE = "progress.json"
 METRICS_PORT = 9464
 #: Written into the output directory at the end of a run.
 SUMMARY_FILE = "training_summary.json"
+#: One JSON object per logged step in the output directory (step, loss, learning rate, tokens/s, ...), as
+#: LLaMA-Factory's trainer_log.jsonl: a loss curve to plot without TensorBoard.
+TRAIN_LOG_FILE = "train_log.jsonl"
 #: The rendered trainer config the operator mounts and ftctl writes.
 CONFIG_FILE = "trainer_config.yaml"
 

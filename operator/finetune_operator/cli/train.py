@@ -14,16 +14,22 @@ The exit status is the trainer's (0, 75 retryable, 78 configuration error, 79 ou
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from finetune_operator.api.exit_codes import describe
 from finetune_operator.api.models import FineTuneJob
+from finetune_operator.api.text import GIB
 from finetune_operator.api.trainer import (
     CONFIG_FILE,
     LAUNCH_COMMAND,
+    SUMMARY_FILE,
     TRAIN_COMMAND,
+    TRAIN_LOG_FILE,
     ProgressSettings,
     TrainerConfig,
 )
@@ -59,6 +65,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--dry-run", action="store_true", help="write the trainer config, print the command, run nothing"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train again into an output directory that holds a finished run (its checkpoints are removed)",
     )
     p.set_defaults(run=run)
 
@@ -99,7 +110,7 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     """Plan and render exactly as the operator does, with this machine's paths and process count."""
     if args.nproc_per_node < 1:
         raise CliError("--nproc-per-node must be at least 1")
-    job = local_job(load_job(args.filename, "ftctl train"), args.output_dir)
+    job = local_job(load_job(args.filename, "ftctl train", complete=this_machines_gpu), args.output_dir)
     planned = plan(job.spec, arch=local_architecture(job.spec.model.uri))
     return render_trainer_config(
         job,
@@ -108,6 +119,43 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
         world_size=args.nproc_per_node,
         progress=ProgressSettings(reporter="file", interval_seconds=0.0, metrics_port=None),
     )
+
+
+def this_machines_gpu(document: dict[str, Any]) -> None:
+    """A job that names no GPU plans for this machine's: the first CUDA device's memory, or on CPU the
+    host memory per process, which is what training uses there."""
+    resources = document.setdefault("spec", {}).setdefault("resources", {})
+    if resources.get("gpuType") or resources.get("gpuMemoryGiB"):
+        return
+    resources["gpuMemoryGiB"] = round(local_accelerator_bytes() / GIB, 1)
+
+
+def local_accelerator_bytes() -> int:
+    try:
+        import torch  # the trainer extra; without it the job is planned for host memory
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except ImportError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_output(output: Path, checkpoints: Path, overwrite: bool) -> None:
+    """A finished run's directory is not trained into again by accident: its summary would be replaced
+    by an empty history. Checkpoints without a summary are an interrupted run, which resumes."""
+    if not (output / SUMMARY_FILE).exists():
+        return
+    if not overwrite:
+        raise CliError(
+            f"{output} holds a finished run ({SUMMARY_FILE}); use another --output-dir, or --overwrite to "
+            "train from scratch there"
+        )
+    for stale in (output / SUMMARY_FILE, output / TRAIN_LOG_FILE, checkpoints):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
 
 
 def trainer_command(name: str) -> str:
@@ -134,7 +182,10 @@ def launch_command(config_path: Path, nproc: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
-    config_path = Path(config.paths.output) / CONFIG_FILE
+    output = Path(config.paths.output)
+    if not args.dry_run:
+        check_output(output, Path(config.paths.checkpoints), args.overwrite)
+    config_path = output / CONFIG_FILE
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(config.to_yaml())
     command = launch_command(config_path, args.nproc_per_node)
@@ -146,4 +197,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(command))
         return 0
-    return subprocess.call(command)
+    code = subprocess.call(command)
+    summary = output / SUMMARY_FILE
+    if code == 0 and summary.exists():
+        print(
+            f"ftctl train: saved to {output} (summary {summary.name}, log {TRAIN_LOG_FILE})", file=sys.stderr
+        )
+    elif code != 0:
+        print(
+            f"ftctl train: the trainer exited {code} ({describe(code)}); see its last line above",
+            file=sys.stderr,
+        )
+    return code
