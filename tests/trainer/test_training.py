@@ -206,6 +206,18 @@ def test_saved_adapter_and_merged_model_reproduce_the_trained_logits_under_zero3
         torch.testing.assert_close(
             merged(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4, rtol=1e-4
         )
+    # ftctl export makes the same model from the output directory, later and elsewhere
+    from finetune_operator.cli import main
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "out"), "--output", str(exported), "--dtype", "fp32"]) == 0
+    assert (exported / "tokenizer_config.json").is_file() and not (exported / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4, rtol=1e-4
+        )
+    assert main(["export", str(tmp_path), "--output", str(tmp_path / "nothing")]) == 2  # not an adapter
 
 
 def long_lora_run(workdir: Path, llama: Path, data: Path, save_steps: int) -> Path:

@@ -191,7 +191,8 @@ def test_models_lists_the_catalogues(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_help_lists_every_subcommand_and_every_default() -> None:
     result = subprocess.run([FTCTL, "--help"], capture_output=True, text=True, check=True)
-    for command in ("estimate", "plan", "render", "train", "models", "completion"):
+    for command in ("estimate", "plan", "render", "submit", "get", "status", "logs", "wait", "train", "export",
+                    "models", "completion"):  # fmt: skip
         assert command in result.stdout
     estimate = subprocess.run(
         [FTCTL, "estimate", "--help"], capture_output=True, text=True, check=True

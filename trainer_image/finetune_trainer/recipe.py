@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from transformers import (
     EarlyStoppingCallback,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
@@ -45,7 +44,7 @@ from finetune_operator.api.trainer import (
     ProgressState,
     TrainerConfig,
 )
-from finetune_trainer import checkpoints, methods
+from finetune_trainer import checkpoints, export, methods
 from finetune_trainer.console import Console, TrainLog
 from finetune_trainer.data import DataBundle, build_datasets
 from finetune_trainer.deepspeed import render_deepspeed_config
@@ -458,23 +457,16 @@ def save(session: Session) -> dict[str, Any]:
 
 
 def merge_adapter(config: TrainerConfig, output: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Load the base unquantized (a 4-bit base cannot absorb the update exactly), apply the saved adapter,
-    merge, and save a plain model that needs no PEFT to load."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The saved adapter merged into its base (export.merge, as `ftctl export` does) in output/merged."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # Training is over: without this, from_pretrained on rank 0 alone would enter ZeRO-3's collective
     # partitioning (zero.Init) and wait forever for the other ranks.
     unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
-    loader = AutoModelForSequenceClassification if config.is_classification else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(config.training.precision)}
-    if config.is_classification:
-        kwargs["num_labels"] = config.dataset.num_labels
-    base: PreTrainedModel = loader.from_pretrained(model_source(config), **kwargs)
-    merged = PeftModel.from_pretrained(base, str(output)).merge_and_unload()
-    merged.save_pretrained(str(output / MERGED_SUBDIR))
-    tokenizer.save_pretrained(str(output / MERGED_SUBDIR))
+    num_labels = config.dataset.num_labels if config.is_classification else None
+    merged = output / MERGED_SUBDIR
+    export.merge(model_source(config), output, merged, torch_dtype(config.training.precision), num_labels)
+    tokenizer.save_pretrained(str(merged))
 
 
 def build_summary(session: Session) -> dict[str, Any]:

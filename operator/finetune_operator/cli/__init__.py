@@ -19,6 +19,7 @@ from finetune_operator import __version__
 from finetune_operator.cli import (
     completion,
     estimate,
+    export,
     get,
     logs,
     models,
@@ -41,6 +42,7 @@ SUBCOMMANDS: tuple[ModuleType, ...] = (
     logs,
     wait,
     train,
+    export,
     models,
     completion,
 )
