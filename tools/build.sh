@@ -44,8 +44,14 @@ build_group() {
     k8s) ldflags+="$(k8s_ldflags)"; tags="notest,grpcnotrace,providerless" ;;
     kwok) # kwokctl's default --kube-version: the control plane we build, not the one it was released with.
       local kv; kv="$(k8s_version)"; ldflags+=" -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${kv#v}" ;;
-    helm) local v; v="$(mod_version helm.sh/helm/v3 helm)"
-      ldflags+=" -X helm.sh/helm/v3/internal/version.version=${v}" ;;
+    helm) local v kv; v="$(mod_version helm.sh/helm/v3 helm)"
+      ldflags+=" -X helm.sh/helm/v3/internal/version.version=${v}"
+      # The Kubernetes version `helm template` and `helm lint` assume, as helm's own Makefile sets it from
+      # its client-go: without it they assume 1.20, which a chart's kubeVersion (>=1.29) refuses.
+      kv="$(mod_version k8s.io/client-go helm)"; kv="${kv#v0.}"; kv="${kv%%.*}"
+      for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+        ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=${kv}"
+      done ;;
     prometheus) local v; v="$(mod_version github.com/prometheus/prometheus prometheus)"
       ldflags+=" -X github.com/prometheus/common/version.Version=${v}"; tags="remove_all_sd,enable_kubernetes_sd" ;;
   esac

@@ -168,3 +168,9 @@ def test_the_chart_lints_strictly_with_every_option_turned() -> None:
         "metrics.prometheusRule.enabled=true,metrics.dashboards.enabled=false,placement.preset=gke"
     )
     assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), "--set", values)
+
+
+def test_the_chart_templates_without_naming_a_kubernetes_version() -> None:
+    """`helm template` as a user first runs it: helm assumes the Kubernetes its client is built for."""
+    text = helm("template", "ft", str(CHART))
+    assert "kind: Deployment" in text

@@ -973,6 +973,10 @@ def test_the_sdk_and_ftctl_submit_follow_and_wait_for_jobs(
     assert text.startswith(f"FineTuneJob {ns}/sdk: Running, 1 worker running")
     assert "Plan:        1 GPU on 1 node, ZeRO-0" in text and "Conditions:" in text
     assert "finetune-operator" in text  # the events' source is the operator, not kopf
+    assert ftctl(["status", "sdk", *target, "-o", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["kind"], data["job"]["metadata"]["name"]) == ("Status", "sdk")
+    assert any(e["reason"] == "CreatedWorkers" for e in data["events"])
 
     finish_pod(core, ns, "sdk-worker-0", 0)
     assert client.wait("sdk", timeout=TIMEOUT, poll_seconds=0.5).phase == "Succeeded"

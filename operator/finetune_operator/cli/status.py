@@ -11,7 +11,16 @@ from typing import Any
 
 from finetune_operator.api.models import FineTuneJobStatus
 from finetune_operator.api.text import count
-from finetune_operator.cli.common import HelpFormatter, add_cluster_options, age, client_for, columns
+from finetune_operator.cli.common import (
+    HelpFormatter,
+    add_cluster_options,
+    add_output_option,
+    age,
+    client_for,
+    columns,
+    document,
+    emit,
+)
 from finetune_operator.core.status import parse_time
 
 
@@ -24,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("name", help="the job")
     add_cluster_options(p)
+    add_output_option(p)
     p.set_defaults(run=run)
 
 
@@ -94,6 +104,7 @@ def describe(job: dict[str, Any], events: list[dict[str, Any]], now: datetime) -
 
 def run(args: argparse.Namespace) -> int:
     client = client_for(args)
-    job = client.get(args.name)
-    print(describe(job, client.events(args.name), datetime.now(UTC)), end="")
+    job, events = client.get(args.name), client.events(args.name)
+    data = document("Status", {"job": job, "events": [{**e, "time": str(e["time"])} for e in events]})
+    emit(data, args.output, describe(job, events, datetime.now(UTC)))
     return 0
