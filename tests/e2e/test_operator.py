@@ -1009,3 +1009,28 @@ def test_an_operator_that_cannot_act_says_why_in_its_log(
         assert "run a single replica with --standalone" in process.tail(200)
     finally:
         process.stop()
+
+
+def test_a_deleted_worker_restarts_the_whole_gang(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """A worker deleted from a running gang (kubectl delete, an eviction): a new rank could not join the
+    formed rendezvous, so the gang is replaced rather than the one pod recreated alone."""
+    ns, name = operator.namespace, "holed"
+    create(api, ns, two_nodes(name))
+    first = wait_pods(core, ns, name, all_running(2), "two running workers")
+    wait_job(api, operator, name, phase_is("Running"), "Running")
+    core.delete_namespaced_pod(f"{name}-worker-1", ns, grace_period_seconds=0)
+    second = wait_pods(core, ns, name, all_running(2, attempt=1), "a new gang (attempt 1)")
+    assert {p.metadata.uid for p in second}.isdisjoint({p.metadata.uid for p in first})
+    status = wait_job(api, operator, name, phase_is("Running"), "Running after the restart")
+    assert status["restarts"] == 1 and status["lastRestartTime"]
+    assert condition(status, "Restarting")["status"] == "False"
+
+    def reasons() -> set[str]:
+        return {
+            e.reason
+            for e in core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        }
+
+    eventually(lambda: "WorkerMissing" in reasons(), "a WorkerMissing event", operator.tail)

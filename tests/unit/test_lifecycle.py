@@ -450,3 +450,30 @@ def test_the_eta_goes_when_the_gang_stops_running() -> None:
     assert failed.status.phase == "Restarting"
     assert failed.status.progress is not None
     assert (failed.status.progress.display, failed.status.progress.eta) == ("40% (40/100)", None)
+
+
+def test_a_gang_that_fails_again_before_it_runs_backs_off_from_its_own_restart() -> None:
+    """Restarting stays True from the first failure until a gang runs; the backoff must not count from it."""
+    failed = run(running_status(), [pod_doc(0), pod_doc(1, phase="Failed", exit_code=1)])
+    assert failed.status.last_restart_time == rfc3339(NOW)
+    recreated = run(failed.status, [], now_offset=10)
+    starting = [pod_doc(0, attempt=1, phase="Pending"), pod_doc(1, attempt=1, phase="Failed", exit_code=1)]
+    again = run(recreated.status, starting, now_offset=11)
+    assert again.status.restarts == 2 and again.requeue_after == 20
+    assert again.status.last_restart_time == rfc3339(NOW + timedelta(seconds=11))
+    waiting = run(again.status, [], now_offset=12)
+    assert waiting.create_pods == () and waiting.requeue_after == pytest.approx(19)  # not 8
+    assert run(again.status, [], now_offset=31).create_pods  # 20 s after the second failure
+
+
+def test_a_worker_that_vanishes_from_a_running_gang_restarts_the_whole_gang() -> None:
+    """A new rank cannot join a formed rendezvous: recreating only worker 1 would hang the gang."""
+    actions = run(running_status(), [pod_doc(0)])  # worker 1 deleted (or evicted, or its node removed)
+    assert actions.create_pods == () and actions.delete_pods == ("tiny-worker-0",)
+    assert actions.status.restarts == 1 and actions.status.phase == "Restarting"
+    assert condition(actions, "Restarting") == ("True", "WorkerMissing")
+    assert "worker 1 vanished from the running gang" in actions.events[0].message
+    # a gang still being created is not a vanished worker: the missing one is simply created
+    created = run()
+    partial = run(created.status, [pod_doc(0, phase="Pending")], now_offset=1)
+    assert [p["metadata"]["name"] for p in partial.create_pods] == ["tiny-worker-1"]

@@ -706,6 +706,10 @@ class FineTuneJobStatus(ApiModel):
     workers: WorkersStatus | None = Field(default=None, description="Worker pod counts.")
     progress: ProgressStatus | None = Field(default=None, description="Training progress.")
     restarts: int = Field(default=0, ge=0, description="Whole-gang restarts so far.")
+    last_restart_time: str | None = Field(
+        default=None,
+        description="When the gang was last restarted (RFC 3339): the restart backoff counts from here.",
+    )
     last_checkpoint: CheckpointStatus | None = Field(default=None, description="Newest complete checkpoint.")
     start_time: str | None = Field(default=None, description="When workers were first created (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")

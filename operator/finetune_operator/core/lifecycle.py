@@ -19,7 +19,8 @@ The rules, in the order they apply:
    backoffLimit); nothing new is created while any remain, because the names are reused;
 6. one failed worker fails the gang: a permanent exit code (config error, OOM) fails the job, an
    exhausted backoffLimit fails it, anything else deletes the whole gang and recreates it after an
-   exponential backoff, and the trainer resumes from its newest checkpoint;
+   exponential backoff (counted from status.lastRestartTime), and the trainer resumes from its newest
+   checkpoint; a worker that vanished from a running gang restarts it the same way;
 7. missing workers are created; the phase and conditions follow from what the pods say;
 8. a running gang whose step has not moved for the progress deadline is Stalled (a condition and an
    event, not a failure: a hung collective is worth a look, a slow step is not worth killing).
@@ -252,6 +253,10 @@ def reconcile(
     if d.status.phase == Phase.RESTARTING and _backing_off(d, policy):
         return d.actions()
 
+    if gang.missing and current and d.status.phase == Phase.RUNNING:
+        _worker_vanished(d, gang.missing[0], current, run_policy, policy)
+        return d.actions()
+
     if gang.missing:
         d.ensure.extend([*desired.access, desired.configmap, desired.service])
         d.create.extend(desired.pods[i] for i in gang.missing)
@@ -379,6 +384,28 @@ def _gang_failed(
         d.remove(w for w in current if w.active)
         d.fail(reason, f"{what}; not retried: the same configuration fails the same way")
         return
+    _restart_gang(d, reason, what, current, run_policy, policy)
+
+
+def _worker_vanished(
+    d: _Decision, missing: int, current: Sequence[Worker], run_policy: RunPolicySpec, policy: LifecyclePolicy
+) -> None:
+    """A worker of a running gang is gone (deleted, evicted, its node removed): a new rank cannot join the
+    rendezvous the others formed, so recreating it alone would hang the gang until the collective times
+    out. The whole gang restarts instead."""
+    what = f"worker {missing} vanished from the running gang (deleted or evicted)"
+    _restart_gang(d, "WorkerMissing", what, current, run_policy, policy)
+
+
+def _restart_gang(
+    d: _Decision,
+    reason: str,
+    what: str,
+    current: Sequence[Worker],
+    run_policy: RunPolicySpec,
+    policy: LifecyclePolicy,
+) -> None:
+    """Replace the whole gang after the backoff, or fail the job when backoffLimit is spent."""
     if d.status.restarts >= run_policy.backoff_limit:
         d.remove(w for w in current if w.active)
         d.fail(
@@ -388,6 +415,7 @@ def _gang_failed(
         )
         return
     d.status.restarts += 1
+    d.status.last_restart_time = rfc3339(d.now)
     delay = policy.backoff(d.status.restarts)
     message = (
         f"{what}; restarting all workers ({d.status.restarts}/{run_policy.backoff_limit}) in {delay:.0f}s, "
@@ -406,7 +434,9 @@ def _backing_off(d: _Decision, policy: LifecyclePolicy) -> bool:
     restarting = get_condition(d.status.conditions, ConditionType.RESTARTING)
     if restarting is None or restarting.status != "True" or restarting.reason == "SpecChanged":
         return False
-    since = parse_time(restarting.last_transition_time)
+    # From this restart, not from when Restarting turned True: a gang that fails again before it runs
+    # keeps the condition True, and its transition time would make the next backoff already spent.
+    since = parse_time(d.status.last_restart_time) or parse_time(restarting.last_transition_time)
     if since is None:
         return False
     left = (since + timedelta(seconds=policy.backoff(d.status.restarts)) - d.now).total_seconds()
