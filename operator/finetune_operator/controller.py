@@ -58,7 +58,7 @@ def decide(
     job = parse_job(body)
     if isinstance(job, SpecProblem):
         return reconcile(ref, None, status, job, pods, now, settings.lifecycle_policy())
-    desired = desire(job, ref, settings.render_options(), status.restarts, refiner_for(job))
+    desired = desire(job, ref, settings.render_options(), status.attempt, refiner_for(job))
     return reconcile(ref, job.spec, status, desired, pods, now, settings.lifecycle_policy())
 
 

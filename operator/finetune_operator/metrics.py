@@ -4,10 +4,11 @@ Nothing is registered at import time, so tests build as many independent sets as
 operator exposes exactly one. Two kinds of series:
 
 - operator-wide: reconcile time and errors, jobs finished by outcome and reason, the time from creation
-  to running and to the end, queue time, gang restarts, GPU-seconds per namespace. Transitions are
+  to running and to the end, queue time, gang restarts and disruptions, GPU-seconds per namespace. Transitions are
   counted from the status write that made them (before → after), so a job is counted once however
   often it is reconciled, and a restarted replica does not count old transitions again;
-- per job (labels `namespace` and `job_name`, never anything per step or per pod): phase, restarts, planned
+- per job (labels `namespace` and `job_name`, never anything per step or per pod): phase, restarts,
+  disruptions, planned
   GPUs, estimated and measured peak per-GPU bytes and their ratio, step, progress, loss, tokens, ETA,
   deadline, Stalled and GPU-seconds. They are produced at scrape time from each job's last `JobSample`,
   and a finished job's series go `retention_seconds` after its completionTime (an hour by default: long
@@ -51,6 +52,7 @@ class JobSample:
 
     phase: str
     restarts: int
+    disruptions: int
     gpus_held: int
     planned_gpus: int | None = None
     estimated_bytes: int | None = None
@@ -83,6 +85,7 @@ def sample_job(status: FineTuneJobStatus, deadline_seconds: int | None) -> JobSa
     return JobSample(
         phase=phase,
         restarts=status.restarts,
+        disruptions=status.disruptions,
         gpus_held=gpus_held,
         planned_gpus=plan.gpus if plan is not None else None,
         estimated_bytes=estimate,
@@ -127,6 +130,7 @@ class OperatorMetrics(Collector):
     reconcile_seconds: Histogram
     jobs_finished: Counter
     gang_restarts: Counter
+    gang_disruptions: Counter
     time_to_running: Histogram
     queue_seconds: Histogram
     duration: Histogram
@@ -182,6 +186,8 @@ class OperatorMetrics(Collector):
     ) -> None:
         if after.restarts > before.restarts:
             self.gang_restarts.labels(namespace).inc(after.restarts - before.restarts)
+        if after.disruptions > before.disruptions:
+            self.gang_disruptions.labels(namespace).inc(after.disruptions - before.disruptions)
         age = now - created.timestamp() if created is not None else None
         if before.phase not in FINISHED and after.phase in FINISHED:
             failed = get_condition(after.conditions, ConditionType.FAILED)
@@ -259,7 +265,11 @@ class OperatorMetrics(Collector):
             ),
         }
         counters: dict[str, tuple[str, Callable[[JobSample], float | None]]] = {
-            "finetune_job_restarts": ("Whole-gang restarts of the job.", lambda s: s.restarts),
+            "finetune_job_restarts": ("Whole-gang restarts after the trainer failed.", lambda s: s.restarts),
+            "finetune_job_disruptions": (
+                "Whole-gang restarts after Kubernetes ended a worker (preemption, eviction, node loss).",
+                lambda s: s.disruptions,
+            ),
             "finetune_job_tokens": ("Input tokens trained on (all workers).", lambda s: s.tokens),
         }
         families = {name: GaugeMetricFamily(name, doc, labels=labels) for name, (doc, _) in gauges.items()}
@@ -319,7 +329,13 @@ def build_metrics(
         ),
         gang_restarts=Counter(
             "finetune_gang_restarts",
-            "Whole-gang restarts this replica performed.",
+            "Whole-gang restarts this replica performed after a trainer failed.",
+            ["namespace"],
+            registry=registry,
+        ),
+        gang_disruptions=Counter(
+            "finetune_gang_disruptions",
+            "Whole-gang restarts this replica performed after Kubernetes ended a worker.",
             ["namespace"],
             registry=registry,
         ),

@@ -22,7 +22,14 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes.client import CoreV1Api, CustomObjectsApi, V1Namespace, V1ObjectMeta, V1ServiceAccount
+from kubernetes.client import (
+    CoreV1Api,
+    CustomObjectsApi,
+    V1Eviction,
+    V1Namespace,
+    V1ObjectMeta,
+    V1ServiceAccount,
+)
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 from pydantic import ValidationError
@@ -1024,7 +1031,8 @@ def test_a_deleted_worker_restarts_the_whole_gang(
     second = wait_pods(core, ns, name, all_running(2, attempt=1), "a new gang (attempt 1)")
     assert {p.metadata.uid for p in second}.isdisjoint({p.metadata.uid for p in first})
     status = wait_job(api, operator, name, phase_is("Running"), "Running after the restart")
-    assert status["restarts"] == 1 and status["lastRestartTime"]
+    # not the trainer's failure: a disruption, which does not spend backoffLimit
+    assert (status.get("restarts", 0), status["disruptions"]) == (0, 1) and status["lastRestartTime"]
     assert condition(status, "Restarting")["status"] == "False"
 
     def reasons() -> set[str]:
@@ -1034,3 +1042,23 @@ def test_a_deleted_worker_restarts_the_whole_gang(
         }
 
     eventually(lambda: "WorkerMissing" in reasons(), "a WorkerMissing event", operator.tail)
+
+
+def test_evicted_workers_restart_the_gang_without_spending_the_backoff_limit(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """Three evictions (a drain, a preemption) of a job whose backoffLimit is 1: each restarts the gang as
+    a disruption, and the job still succeeds."""
+    ns, name = operator.namespace, "evicted"
+    create(api, ns, two_nodes(name, backoffLimit=1))
+    for attempt in range(3):
+        wait_pods(core, ns, name, all_running(2, attempt=attempt), f"a running gang (attempt {attempt})")
+        wait_job(api, operator, name, phase_is("Running"), f"Running (attempt {attempt})")
+        worker = f"{name}-worker-{attempt % 2}"
+        core.create_namespaced_pod_eviction(
+            worker, ns, V1Eviction(metadata=V1ObjectMeta(name=worker, namespace=ns))
+        )
+    wait_pods(core, ns, name, all_running(2, attempt=3), "the gang after three evictions")
+    finish_all(core, ns, name, 0)
+    status = wait_job(api, operator, name, phase_is("Succeeded"), "success after three evictions")
+    assert (status.get("restarts", 0), status["disruptions"]) == (0, 3)

@@ -72,6 +72,7 @@ def pod_doc(
     gated: bool = False,
     deleting: bool = False,
     progress: str | None = None,
+    disruption: str | None = None,
 ) -> dict[str, Any]:
     """A worker pod as the API server returns it, in the state the arguments describe."""
     annotations = {names.ANNOTATION_GENERATION: str(generation)}
@@ -98,6 +99,8 @@ def pod_doc(
     if gated:
         spec["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
     status: dict[str, Any] = {"phase": phase}
+    if disruption:  # what the API server writes before it preempts, evicts or drains a pod
+        status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": disruption}]
     if unschedulable:
         status["conditions"] = [
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}

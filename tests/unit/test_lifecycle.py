@@ -30,7 +30,7 @@ def run(
 ) -> Actions:
     status = status or FineTuneJobStatus()
     the_job = job(**spec_updates)
-    desired = desire(the_job, ref(generation), OPTIONS, attempt=status.restarts)
+    desired = desire(the_job, ref(generation), OPTIONS, attempt=status.attempt)
     return reconcile(
         ref(generation),
         the_job.spec,
@@ -470,10 +470,38 @@ def test_a_worker_that_vanishes_from_a_running_gang_restarts_the_whole_gang() ->
     """A new rank cannot join a formed rendezvous: recreating only worker 1 would hang the gang."""
     actions = run(running_status(), [pod_doc(0)])  # worker 1 deleted (or evicted, or its node removed)
     assert actions.create_pods == () and actions.delete_pods == ("tiny-worker-0",)
-    assert actions.status.restarts == 1 and actions.status.phase == "Restarting"
+    assert (actions.status.restarts, actions.status.disruptions) == (0, 1)  # not the trainer's failure
+    assert actions.status.phase == "Restarting"
     assert condition(actions, "Restarting") == ("True", "WorkerMissing")
     assert "worker 1 vanished from the running gang" in actions.events[0].message
     # a gang still being created is not a vanished worker: the missing one is simply created
     created = run()
     partial = run(created.status, [pod_doc(0, phase="Pending")], now_offset=1)
     assert [p["metadata"]["name"] for p in partial.create_pods] == ["tiny-worker-1"]
+
+
+def test_preempted_five_times_is_not_a_backoff_failure() -> None:
+    """Pods ended by preemption exit 75 after their SIGTERM checkpoint, with the DisruptionTarget condition:
+    restarts that do not spend backoffLimit (3 here), counted apart."""
+    status = running_status()
+    for attempt in range(5):
+        pods = [
+            pod_doc(0, attempt=attempt, phase="Failed", exit_code=75, disruption="PreemptionByScheduler"),
+            pod_doc(1, attempt=attempt),
+        ]
+        preempted = run(status, pods, runPolicy={"backoffLimit": 3})
+        assert preempted.status.phase == "Restarting", preempted.status.message
+        assert condition(preempted, "Restarting") == ("True", "PreemptionByScheduler")
+        assert (preempted.status.restarts, preempted.status.disruptions) == (0, attempt + 1)
+        assert preempted.requeue_after == POLICY.backoff(0)
+        back = run(preempted.status, [], now_offset=POLICY.backoff(0))
+        labels = [p["metadata"]["labels"]["finetune.dev/attempt"] for p in back.create_pods]
+        assert labels == [str(attempt + 1)] * 2  # a new gang: attempts count disruptions too
+        running = [pod_doc(0, attempt=attempt + 1), pod_doc(1, attempt=attempt + 1)]
+        status = run(back.status, running, now_offset=POLICY.backoff(0) + 1).status
+        assert status.phase == "Running"
+    done = [pod_doc(i, attempt=5, phase="Succeeded", exit_code=0) for i in (0, 1)]
+    assert run(status, done, runPolicy={"backoffLimit": 3}).status.phase == "Succeeded"
+    # the trainer's own failure still counts
+    failed = run(status, [pod_doc(0, attempt=5, phase="Failed", exit_code=1), pod_doc(1, attempt=5)])
+    assert (failed.status.restarts, failed.status.disruptions) == (1, 5)

@@ -64,6 +64,7 @@ def test_per_job_series_follow_the_status_and_go_with_the_job() -> None:
     running = FineTuneJobStatus(
         phase="Running",
         restarts=1,
+        disruptions=2,
         plan=PLAN,
         workers=WorkersStatus(total=2, running=2),
         start_time=clock.at(0),
@@ -85,6 +86,7 @@ def test_per_job_series_follow_the_status_and_go_with_the_job() -> None:
     assert value(metrics, "finetune_job_loss", **job) == 1.5
     assert value(metrics, "finetune_job_tokens_total", **job) == 90_000
     assert value(metrics, "finetune_job_restarts_total", **job) == 1
+    assert value(metrics, "finetune_job_disruptions_total", **job) == 2
     assert value(metrics, "finetune_job_eta_seconds", **job) == 600
     assert value(metrics, "finetune_job_deadline_timestamp_seconds", **job) == CREATED.timestamp() + 7200
     assert value(metrics, "finetune_job_stalled", **job) == 1
@@ -94,6 +96,7 @@ def test_per_job_series_follow_the_status_and_go_with_the_job() -> None:
     # what is not known yet has no series (not a misleading zero)
     assert value(metrics, "finetune_job_loss", namespace="ns", job_name="b") is None
     assert value(metrics, "finetune_gang_restarts_total", namespace="ns") == 1
+    assert value(metrics, "finetune_gang_disruptions_total", namespace="ns") == 2
     metrics.forget("ns", "a")
     assert value(metrics, "finetune_jobs", phase="Running") == 0
     assert b'job_name="a"' not in generate_latest(metrics.registry)

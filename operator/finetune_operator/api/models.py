@@ -705,7 +705,17 @@ class FineTuneJobStatus(ApiModel):
     plan: PlanStatus | None = Field(default=None, description="The resource plan.")
     workers: WorkersStatus | None = Field(default=None, description="Worker pod counts.")
     progress: ProgressStatus | None = Field(default=None, description="Training progress.")
-    restarts: int = Field(default=0, ge=0, description="Whole-gang restarts so far.")
+    restarts: int = Field(
+        default=0,
+        ge=0,
+        description="Whole-gang restarts after the trainer's own failures (runPolicy.backoffLimit).",
+    )
+    disruptions: int = Field(
+        default=0,
+        ge=0,
+        description="Whole-gang restarts after Kubernetes ended a worker (preemption, eviction, drain, node "
+        "loss, a deleted worker): not counted against runPolicy.backoffLimit.",
+    )
     last_restart_time: str | None = Field(
         default=None,
         description="When the gang was last restarted (RFC 3339): the restart backoff counts from here.",
@@ -714,6 +724,12 @@ class FineTuneJobStatus(ApiModel):
     start_time: str | None = Field(default=None, description="When workers were first created (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     message: str | None = Field(default=None, description="Summary of the current state.")
+
+    @property
+    def attempt(self) -> int:
+        """The current gang's number (its pods' finetune.dev/attempt label): every whole-gang restart, for
+        a failure or a disruption, starts the next one."""
+        return self.restarts + self.disruptions
 
 
 class ObjectMeta(ApiModel):

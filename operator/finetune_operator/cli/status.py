@@ -69,7 +69,8 @@ def describe(job: dict[str, Any], events: list[dict[str, Any]], now: datetime) -
     if workers is not None:
         lines.append(
             f"Workers:     {workers.running}/{workers.total} running, {workers.pending} pending, "
-            f"{workers.succeeded} succeeded, {workers.failed} failed; {count(status.restarts, 'restart')}"
+            f"{workers.succeeded} succeeded, {workers.failed} failed; {count(status.restarts, 'restart')}, "
+            f"{count(status.disruptions, 'disruption')}"
         )
     if status.conditions:
         lines.append("Conditions:")

@@ -219,9 +219,7 @@ def reconcile(
     if d.status.phase is None:
         d.phase(Phase.PENDING, f"planned {desired.plan.message}")
 
-    current = [
-        w for w in ours if w.attempt == d.status.restarts and not _outdated(w, desired, job.generation)
-    ]
+    current = [w for w in ours if w.attempt == d.status.attempt and not _outdated(w, desired, job.generation)]
     stale = [w for w in ours if w not in current]
     gang = observe(current, desired.plan.nodes)
     d.status.workers = gang.counts()
@@ -265,7 +263,7 @@ def reconcile(
                 Event(
                     "Normal",
                     "CreatedWorkers",
-                    f"created {count(len(gang.missing), 'worker')}, attempt {d.status.restarts}",
+                    f"created {count(len(gang.missing), 'worker')}, attempt {d.status.attempt}",
                 )
             )
         d.status.start_time = d.status.start_time or rfc3339(d.now)
@@ -380,6 +378,13 @@ def _gang_failed(
         reason = describe(code) if code in policy.permanent_exit_codes else "WorkerFailed"
     else:
         reason = "WorkerFailed"
+    if failure.disruption is not None:
+        # Kubernetes ended it (preemption, eviction, drain): the trainer saved a checkpoint on SIGTERM and
+        # exited retryable; not the job's failure, so it does not spend backoffLimit.
+        _restart_gang(
+            d, failure.disruption, f"{what}; {failure.disruption}", current, run_policy, policy, True
+        )
+        return
     if code is not None and code in policy.permanent_exit_codes:
         d.remove(w for w in current if w.active)
         d.fail(reason, f"{what}; not retried: the same configuration fails the same way")
@@ -394,7 +399,7 @@ def _worker_vanished(
     rendezvous the others formed, so recreating it alone would hang the gang until the collective times
     out. The whole gang restarts instead."""
     what = f"worker {missing} vanished from the running gang (deleted or evicted)"
-    _restart_gang(d, "WorkerMissing", what, current, run_policy, policy)
+    _restart_gang(d, "WorkerMissing", what, current, run_policy, policy, disruption=True)
 
 
 def _restart_gang(
@@ -404,8 +409,18 @@ def _restart_gang(
     current: Sequence[Worker],
     run_policy: RunPolicySpec,
     policy: LifecyclePolicy,
+    disruption: bool = False,
 ) -> None:
-    """Replace the whole gang after the backoff, or fail the job when backoffLimit is spent."""
+    """Replace the whole gang after the backoff, or fail the job when backoffLimit is spent. A disruption
+    (Kubernetes ended a worker) counts in status.disruptions, not against backoffLimit, and does not
+    lengthen the backoff, which follows the trainer's own failures."""
+    d.status.last_restart_time = rfc3339(d.now)
+    if disruption:
+        d.status.disruptions += 1
+        delay = policy.backoff(d.status.restarts)
+        message = f"{what}; restarting all workers (disruption {d.status.disruptions}) in {delay:.0f}s"
+        _replace(d, reason, what, message, current, delay)
+        return
     if d.status.restarts >= run_policy.backoff_limit:
         d.remove(w for w in current if w.active)
         d.fail(
@@ -415,12 +430,17 @@ def _restart_gang(
         )
         return
     d.status.restarts += 1
-    d.status.last_restart_time = rfc3339(d.now)
     delay = policy.backoff(d.status.restarts)
     message = (
         f"{what}; restarting all workers ({d.status.restarts}/{run_policy.backoff_limit}) in {delay:.0f}s, "
         "resuming from the last checkpoint"
     )
+    _replace(d, reason, what, message, current, delay)
+
+
+def _replace(
+    d: _Decision, reason: str, what: str, message: str, current: Sequence[Worker], delay: float
+) -> None:
     d.events.append(Event("Warning", reason, what))
     d.condition(ConditionType.RESTARTING, True, reason, message)
     d.clear(ConditionType.RUNNING, reason, what)

@@ -69,6 +69,9 @@ class Worker:
     message: str = ""
     exit_code: int | None = None
     progress: str | None = None  # the raw progress annotation
+    #: Why Kubernetes ended the pod, when it did (the DisruptionTarget condition's reason:
+    #: PreemptionByScheduler, EvictionByEvictionAPI, DeletionByTaintManager, TerminationByKubelet, ...).
+    disruption: str | None = None
 
     @property
     def active(self) -> bool:
@@ -115,7 +118,16 @@ def read_worker(pod: Mapping[str, Any]) -> Worker:
     owner_uid = next(
         (ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None
     )
+    disruption = next(
+        (
+            c.get("reason") or "Disrupted"
+            for c in status.get("conditions") or []
+            if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        ),
+        None,
+    )
     common = {
+        "disruption": disruption,
         "name": meta.get("name", ""),
         "index": _int(labels.get(names.LABEL_REPLICA_INDEX)),
         "attempt": _int(labels.get(names.LABEL_ATTEMPT)),
