@@ -842,9 +842,8 @@ def test_a_job_in_a_namespace_nobody_prepared_runs_under_the_charts_rbac(
                 capture_output=True, text=True, check=True, timeout=60,
             ).stdout
         )  # fmt: skip
-        chart_env = {
-            e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-        }
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        chart_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # not POD_NAME
         role = chart_env["FINETUNE_TRAINER_CLUSTER_ROLE"]
         operator = Operator(
             cluster,
