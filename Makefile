@@ -17,7 +17,7 @@ setup: $(VENV)/.installed ## create .venv with the operator, trainer and test de
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[trainer,dev]'
+	$(PY) -m pip install -q -e '.[trainer,trackers,dev]'
 	touch $@
 
 test: setup tools images ## run the whole test suite (unit, contract, e2e on the local cluster and its real nodes, trainer on CPU)

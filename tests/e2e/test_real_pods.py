@@ -26,7 +26,7 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi, V1Namespace, V1Object
 
 from finetune_operator.api.exit_codes import ExitCode, describe
 from finetune_operator.api.models import GROUP, PLURAL, VERSION
-from finetune_operator.api.trainer import SUMMARY_FILE
+from finetune_operator.api.trainer import LOSS_PLOT_FILE, SUMMARY_FILE
 from monitoring.dashboards import panels
 from trainer.tiny_models import build_tiny_llama, write_text_data
 from trainer.tokenizer import build_tiny_tokenizer
@@ -276,7 +276,11 @@ def test_the_demo_job_trains_in_real_pods_to_succeeded(team_a: Jobs) -> None:
 
     losses = [loss for _, loss in summary(team_a, "demo")["lossHistory"]]
     assert len(losses) >= 4 and losses[-1] < 0.95 * losses[0], losses
-    assert (team_a.output("demo") / "adapter_model.safetensors").stat().st_size > 0
+    out = team_a.output("demo")
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    assert (out / LOSS_PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert DEMO["spec"]["training"]["reportTo"] == ["tensorboard"]
+    assert list((out / "runs").glob("**/events.out.tfevents.*")), sorted(out.rglob("*"))
     log = team_a.core.read_namespaced_pod_log("demo-worker-0", team_a.namespace)
     assert "training on CPU, gloo" in log, log[-2000:]
 
@@ -331,6 +335,17 @@ def test_a_configuration_error_fails_at_once_without_a_retry(team_b: Jobs) -> No
     assert phase(job) == "Failed"
     failed = condition(job, "Failed")
     assert failed is not None and failed["reason"] == describe(ExitCode.CONFIG_ERROR), job["status"]
+    # the trainer's own line, through the pod's termination message
+    assert "CONFIG_ERROR: " in failed["message"] and "/mnt/pvc/models/not-there" in failed["message"], failed
+    assert job["status"].get("restarts", 0) == 0
+
+
+def test_a_tracker_the_image_lacks_fails_at_once_naming_the_package(team_a: Jobs) -> None:
+    team_a.apply(job_manifest("no-wandb", training={"reportTo": ["tensorboard", "wandb"]}))
+    job = team_a.wait("no-wandb", "finished", lambda j: phase(j) in ("Succeeded", "Failed"), timeout=240)
+    failed = condition(job, "Failed")
+    assert failed is not None and failed["reason"] == describe(ExitCode.CONFIG_ERROR), job["status"]
+    assert "training.reportTo wandb: this image lacks the wandb package" in failed["message"], failed
     assert job["status"].get("restarts", 0) == 0
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -60,6 +61,35 @@ def assert_trained(workdir: Path, expect_steps: int = 30) -> dict[str, Any]:
     progress = harness.progress(workdir)
     assert progress is not None and progress["state"] == "completed" and progress["step"] == expect_steps
     return summary
+
+
+def assert_loss_plot(picture: Path) -> None:
+    """A PNG of the size plots.py draws (8 x 4.5 in at 100 dpi)."""
+    header = picture.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", header
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert (width, height) == (800, 450)
+
+
+def assert_tracked(out: Path, job: str, losses: list[float]) -> None:
+    """Each tracker of training.reportTo wrote the run's losses into the output directory, offline."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    assert [round(e.value, 4) for e in events.Scalars("train/loss")] == [round(v, 4) for v in losses]
+
+    with mock.patch.dict(os.environ, {"MLFLOW_ALLOW_FILE_STORE": "true"}):  # the trainer's default store
+        client = MlflowClient(tracking_uri=str(out / "mlruns"))
+        experiment = client.get_experiment_by_name(job)
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        history = client.get_metric_history(run.info.run_id, "loss")
+    assert [round(m.value, 4) for m in history] == [round(v, 4) for v in losses]
+
+    (offline,) = (out / "wandb").glob("offline-run-*")
+    assert any(offline.glob("*.wandb")), sorted(p.name for p in offline.iterdir())
 
 
 def train_ok(workdir: Path, **kwargs: Any) -> dict[str, Any]:
@@ -302,6 +332,7 @@ def test_ftctl_train_runs_a_finetunejob_locally(
                 "precision": "fp32",
                 "microBatchSize": 4,
                 "loggingSteps": 5,
+                "reportTo": ["tensorboard", "mlflow", "wandb"],
             },
             "checkpointing": {"saveSteps": 10, "saveTotalLimit": 2},
             "resources": {"gpusPerNode": 1},  # planned for this machine's memory
@@ -326,9 +357,11 @@ def test_ftctl_train_runs_a_finetunejob_locally(
     err = capfd.readouterr().err
     assert "step 30/30 (100%) loss " in err and "tokens/s" in err  # one plain line per log: not a terminal
     assert "{'loss'" not in err  # HF's raw dicts of strings are gone
-    assert f"ftctl train: saved to {tmp_path / 'out'}" in err
+    assert f"ftctl train: saved to {tmp_path / 'out'}" in err and "plot training_loss.png" in err
     logged = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30] and all("loss" in r for r in logged)
+    assert_loss_plot(tmp_path / "out" / "training_loss.png")
+    assert_tracked(tmp_path / "out", "local-lora", [r["loss"] for r in logged])
 
     # the same output again: refused, the finished run is kept
     again = ["train", "-f", str(job_file), "--nproc-per-node", "2", "--output-dir", str(tmp_path / "out")]

@@ -38,13 +38,14 @@ from finetune_operator.api.enums import Optimizer, Precision
 from finetune_operator.api.exit_codes import ExitCode
 from finetune_operator.api.methods import MERGE_RULE
 from finetune_operator.api.trainer import (
+    LOSS_PLOT_FILE,
     SUMMARY_FILE,
     TRAIN_LOG_FILE,
     ProgressReport,
     ProgressState,
     TrainerConfig,
 )
-from finetune_trainer import checkpoints, export, methods
+from finetune_trainer import checkpoints, export, methods, plots, trackers
 from finetune_trainer.console import Console, TrainLog
 from finetune_trainer.data import DataBundle, build_datasets
 from finetune_trainer.deepspeed import render_deepspeed_config
@@ -274,9 +275,10 @@ def check_combination(config: TrainerConfig) -> MethodBuilder:
     return method
 
 
-def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArguments:
+def training_arguments(config: TrainerConfig, has_eval: bool, report_to: list[str]) -> TrainingArguments:
     """HF TrainingArguments from the spec; creating them also registers the DeepSpeed config, which
-    ZeRO-3 needs before the model is loaded (weights are partitioned as they load)."""
+    ZeRO-3 needs before the model is loaded (weights are partitioned as they load). `report_to` names
+    the trackers `trackers.prepare` checked."""
     t, ckpt = config.training, config.checkpointing
     on_gpu = torch.cuda.is_available()
     eval_strategy = "no"
@@ -312,7 +314,8 @@ def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArgumen
         greater_is_better=False if early else None,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
-        report_to="none",
+        report_to=report_to or "none",
+        run_name=config.job_name,
         disable_tqdm=True,
         use_cpu=not on_gpu,
         deepspeed=render_deepspeed_config(config, "cuda" if on_gpu else "cpu"),
@@ -321,12 +324,13 @@ def training_arguments(config: TrainerConfig, has_eval: bool) -> TrainingArgumen
 
 def setup(config: TrainerConfig, preemption: Preemption) -> Session:
     method = check_combination(config)
+    report_to = trackers.prepare(config.training.report_to, config.paths.output, config.job_name)
     set_seed(config.training.seed)
     tokenizer = load_tokenizer(config)
     data = build_datasets(
         config.dataset, tokenizer, seed=config.training.seed, local_path=config.paths.dataset
     )
-    args = training_arguments(config, has_eval=data.eval is not None)
+    args = training_arguments(config, has_eval=data.eval is not None, report_to=report_to)
     quantization = method.quantization(config)
     device_map = None
     if quantization is not None and config.zero_stage < 3:
@@ -453,6 +457,7 @@ def save(session: Session) -> dict[str, Any]:
     summary = build_summary(session)
     if session.args.should_save:
         (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        plots.plot_losses(output / TRAIN_LOG_FILE, output / LOSS_PLOT_FILE, config.job_name)
     return summary
 
 
@@ -528,12 +533,13 @@ def run(config: TrainerConfig) -> ExitCode:
     session.progress.send(session.trainer.state, "completed", force=True)
     if session.args.should_save:
         log.info(
-            "done: %d steps, final loss %s; saved to %s (%s, %s)",
+            "done: %d steps, final loss %s; saved to %s (%s, %s, %s)",
             summary["steps"],
             "n/a" if summary["finalLoss"] is None else f"{summary['finalLoss']:.4g}",
             config.paths.output,
             SUMMARY_FILE,
             TRAIN_LOG_FILE,
+            LOSS_PLOT_FILE,
         )
     cleanup()
     return ExitCode.SUCCESS

@@ -56,6 +56,14 @@ class AttentionImpl(StrEnum):
     FLASH_ATTENTION_2 = "flash_attention_2"
 
 
+class ReportTo(StrEnum):
+    """Experiment trackers rank 0 can log to, by HF TrainingArguments' `report_to` names."""
+
+    TENSORBOARD = "tensorboard"
+    MLFLOW = "mlflow"
+    WANDB = "wandb"
+
+
 class QuantType(StrEnum):
     NF4 = "nf4"
     FP4 = "fp4"

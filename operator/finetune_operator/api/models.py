@@ -22,6 +22,7 @@ from finetune_operator.api.enums import (
     Phase,
     Precision,
     QuantType,
+    ReportTo,
 )
 from finetune_operator.api.methods import SETTINGS_RULES, SPEC_RULES
 
@@ -296,6 +297,14 @@ class TrainingSpec(ApiModel):
     )
     early_stopping: EarlyStoppingSpec | None = Field(
         default=None, description="Stop early on a plateau; needs dataset.validationSplit > 0."
+    )
+    report_to: list[ReportTo] = Field(
+        default_factory=list,
+        max_length=3,
+        description="Experiment trackers rank 0 also logs to: tensorboard (event files in the output's runs/), "
+        "mlflow (MLFLOW_TRACKING_URI, else a file store in the output's mlruns/) or wandb (offline into "
+        "the output unless WANDB_API_KEY is set). The image must have the tracker's package; the trainer "
+        "image ships tensorboard.",
     )
 
 

@@ -54,6 +54,12 @@ SUMMARY_FILE = "training_summary.json"
 #: One JSON object per logged step in the output directory (step, loss, learning rate, tokens/s, ...), as
 #: LLaMA-Factory's trainer_log.jsonl: a loss curve to plot without TensorBoard.
 TRAIN_LOG_FILE = "train_log.jsonl"
+#: The training (and evaluation) loss against the step, drawn from TRAIN_LOG_FILE at the end of a run, so
+#: the curve covers every attempt of a resumed job.
+LOSS_PLOT_FILE = "training_loss.png"
+#: Where a failing worker writes its one-line reason (the container's terminationMessagePath): Kubernetes
+#: copies it into the pod's status, and the operator into the job's Failed or Restarting condition.
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 #: The rendered trainer config the operator mounts and ftctl writes.
 CONFIG_FILE = "trainer_config.yaml"
 

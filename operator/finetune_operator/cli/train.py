@@ -27,6 +27,7 @@ from finetune_operator.api.text import GIB
 from finetune_operator.api.trainer import (
     CONFIG_FILE,
     LAUNCH_COMMAND,
+    LOSS_PLOT_FILE,
     SUMMARY_FILE,
     TRAIN_COMMAND,
     TRAIN_LOG_FILE,
@@ -151,7 +152,8 @@ def check_output(output: Path, checkpoints: Path, overwrite: bool) -> None:
             f"{output} holds a finished run ({SUMMARY_FILE}); use another --output-dir, or --overwrite to "
             "train from scratch there"
         )
-    for stale in (output / SUMMARY_FILE, output / TRAIN_LOG_FILE, checkpoints):
+    # The trackers' stores (runs/, mlruns/, wandb/) hold many runs by design; the new run is added to them.
+    for stale in (output / SUMMARY_FILE, output / TRAIN_LOG_FILE, output / LOSS_PLOT_FILE, checkpoints):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -200,8 +202,10 @@ def run(args: argparse.Namespace) -> int:
     code = subprocess.call(command)
     summary = output / SUMMARY_FILE
     if code == 0 and summary.exists():
+        plot = f", plot {LOSS_PLOT_FILE}" if (output / LOSS_PLOT_FILE).exists() else ""
         print(
-            f"ftctl train: saved to {output} (summary {summary.name}, log {TRAIN_LOG_FILE})", file=sys.stderr
+            f"ftctl train: saved to {output} (summary {summary.name}, log {TRAIN_LOG_FILE}{plot})",
+            file=sys.stderr,
         )
     elif code != 0:
         print(
