@@ -5,12 +5,15 @@ Pure code only: no torch, so these run in the unit tier in a second.
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -315,6 +318,99 @@ class DataError(ValueError):
 )
 def test_exceptions_map_to_exit_codes(error: BaseException, code: ExitCode) -> None:
     assert exit_code_for(error) is code
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub's answers for repositories this job cannot have: /acme/missing does not exist, /acme/private
+    wants a token, /acme/gated needs access granted (status and X-Error-Code as the real hub sends them)."""
+
+    ANSWERS: ClassVar[dict[str, tuple[int, str | None]]] = {
+        "missing": (404, "RepoNotFound"),
+        "private": (401, None),
+        "gated": (403, "GatedRepo"),
+    }
+
+    def do_HEAD(self) -> None:
+        self.answer()
+
+    def do_GET(self) -> None:
+        self.answer()
+
+    def answer(self) -> None:
+        status, error_code = self.ANSWERS[self.path.split("/")[2]]
+        body = b'{"error": "refused"}'
+        self.send_response(status)
+        if error_code:
+            self.send_header("X-Error-Code", error_code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_hub_model_that_is_missing_private_or_gated_is_a_configuration_error(tmp_path: Path) -> None:
+    """transformers against a hub on loopback that refuses: what the trainer exits with for each."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = (
+        "from transformers import AutoTokenizer\n"
+        "from finetune_trainer.exit_codes import exit_code_for\n"
+        "for repo in ('missing', 'private', 'gated'):\n"
+        "    try:\n"
+        "        AutoTokenizer.from_pretrained(f'acme/{repo}')\n"
+        "    except Exception as exc:\n"
+        "        print(repo, int(exit_code_for(exc)), type(exc.__cause__).__name__)\n"
+    )
+    env = os.environ | {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        server.shutdown()
+    assert done.stdout.splitlines() == [
+        "missing 78 RepositoryNotFoundError",
+        "private 78 HfHubHTTPError",
+        "gated 78 GatedRepoError",
+    ], done.stderr[-3000:]
+
+
+def test_a_hub_that_cannot_be_reached_is_retried() -> None:
+    """No network and nothing cached is the hub client's LocalEntryNotFoundError, a subclass of the
+    EntryNotFoundError that a missing file raises: a retry may cure the first, never the second."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def wrapped(cause: BaseException) -> OSError:
+        try:
+            raise OSError("transformers' message") from cause
+        except OSError as error:
+            return error
+
+    assert exit_code_for(wrapped(LocalEntryNotFoundError("no connection"))) is ExitCode.RETRYABLE
+    assert exit_code_for(wrapped(EntryNotFoundError("no such file"))) is ExitCode.CONFIG_ERROR
+
+
+def test_the_first_failing_rank_writes_the_termination_message_in_a_pod_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_operator.api import trainer as contract
+    from finetune_trainer.__main__ import write_termination_message
+
+    absent = tmp_path / "absent"
+    monkeypatch.setattr(contract, "TERMINATION_MESSAGE_PATH", str(absent))
+    write_termination_message("CONFIG_ERROR: x")
+    assert not absent.exists()  # outside a pod nothing is created
+
+    log = tmp_path / "termination-log"
+    log.write_text("")  # the kubelet makes it, empty
+    monkeypatch.setattr(contract, "TERMINATION_MESSAGE_PATH", str(log))
+    write_termination_message("CONFIG_ERROR: dataset.uri\n  names no file")
+    write_termination_message("RETRYABLE: peer closed the connection")  # a rank that failed second
+    assert log.read_text() == "CONFIG_ERROR: dataset.uri names no file"
 
 
 def test_the_worker_exits_with_its_code_after_flushing_and_skips_teardown(tmp_path: Path) -> None:

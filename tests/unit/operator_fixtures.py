@@ -73,6 +73,7 @@ def pod_doc(
     deleting: bool = False,
     progress: str | None = None,
     disruption: str | None = None,
+    finished_at: str | None = None,
 ) -> dict[str, Any]:
     """A worker pod as the API server returns it, in the state the arguments describe."""
     annotations = {names.ANNOTATION_GENERATION: str(generation)}
@@ -109,6 +110,8 @@ def pod_doc(
         terminated: dict[str, Any] = {"exitCode": exit_code, "reason": reason or "Error"}
         if message:
             terminated["message"] = message
+        if finished_at:
+            terminated["finishedAt"] = finished_at
         status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
     elif waiting:
         status["containerStatuses"] = [

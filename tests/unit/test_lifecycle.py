@@ -238,6 +238,29 @@ def test_failures_that_end_the_job(
     assert reasons(actions) == [expected_reason]
 
 
+TRAINER_LINE = "CONFIG_ERROR: training.reportTo wandb: this image lacks the wandb package"
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        (TRAINER_LINE, TRAINER_LINE),  # the trainer's own line (terminationMessagePath)
+        # a worker killed before it could write one: the last lines of its log (FallbackToLogsOnError)
+        (
+            "Traceback (most recent call last):\n  File x\nValueError: bad token 7\n",
+            "ValueError: bad token 7",
+        ),
+    ],
+)
+def test_the_failed_condition_says_why_in_the_workers_own_words(message: str, said: str) -> None:
+    pods = [pod_doc(0), pod_doc(1, phase="Failed", exit_code=78, message=message)]
+    failed = next(c for c in run(running_status(), pods).status.conditions if c.type == "Failed")
+    assert failed.message == (
+        f"worker 1 (tiny-worker-1) failed with exit code 78 (Error): {said}; "
+        "not retried: the same configuration fails the same way"
+    )
+
+
 def test_a_kernel_oom_kill_is_retried_with_its_reason() -> None:
     actions = run(
         running_status(), [pod_doc(0), pod_doc(1, phase="Failed", exit_code=137, reason="OOMKilled")]

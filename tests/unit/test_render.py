@@ -118,6 +118,8 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                         {"name": "pvc-datasets", "mountPath": "/mnt/pvc/datasets", "readOnly": True},
                         {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
                     ],
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
                     "securityContext": {
                         "allowPrivilegeEscalation": False,
                         "capabilities": {"drop": ["ALL"]},

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from operator_fixtures import NOW, UID, pod_doc
 
+from finetune_operator.api.exit_codes import PERMANENT_EXIT_CODES, ExitCode
 from finetune_operator.api.models import Condition, ProgressStatus, WorkersStatus
 from finetune_operator.api.trainer import ProgressReport
 from finetune_operator.core.status import (
@@ -28,6 +29,26 @@ COMMON = {
     "generation": 1,
     "deleting": False,
 }
+
+
+def test_the_failure_that_explains_a_gang_is_the_permanent_one_then_the_earliest() -> None:
+    """A rank that dies takes its peers down a moment later (a closed gloo/NCCL connection, exit 75); the
+    lowest rank is often one of those, so its exit code would hide the cause."""
+
+    def failed(index: int, code: int, at: str) -> Any:
+        return read_worker(pod_doc(index, phase="Failed", exit_code=code, finished_at=at))
+
+    peer_lost = failed(0, ExitCode.RETRYABLE, "2025-01-02T03:04:07Z")
+    crashed = failed(2, 1, "2025-01-02T03:04:05Z")
+    config = failed(3, ExitCode.CONFIG_ERROR, "2025-01-02T03:04:09Z")
+    choose = observe([peer_lost, crashed], expected=4).failure
+    assert choose(PERMANENT_EXIT_CODES) == crashed  # the earliest
+    choose = observe([peer_lost, crashed, config], expected=4).failure
+    assert choose(PERMANENT_EXIT_CODES) == config  # permanent before earlier
+    # without finish times (a pod status lost its container state), the lowest rank
+    untimed = [read_worker(pod_doc(i, phase="Failed", exit_code=1)) for i in (2, 1)]
+    chosen = observe(untimed, expected=4).failure(PERMANENT_EXIT_CODES)
+    assert chosen is not None and chosen.index == 1
 
 
 @pytest.mark.parametrize(
@@ -146,7 +167,8 @@ def test_observe_counts_finds_missing_and_the_first_failure() -> None:
     ]
     gang = observe(workers, expected=4)
     assert gang.missing == [0]
-    assert gang.first_failure is not None and gang.first_failure.index == 2
+    failure = gang.failure(PERMANENT_EXIT_CODES)
+    assert failure is not None and failure.index == 2
     assert gang.counts() == WorkersStatus(total=4, pending=1, running=1, succeeded=0, failed=2)
     assert not gang.all_running and not gang.all_succeeded
 

@@ -57,9 +57,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code = exit_code_for(exc)
         log.error("failed (%s, exit %d): %s", code.name, code, exc)
+        write_termination_message(f"{code.name}: {exc}")
         if code != ExitCode.CONFIG_ERROR:  # a configuration error's one line says it all
             traceback.print_exc()
         return int(code if code != ExitCode.SUCCESS else ExitCode.RETRYABLE)
+
+
+def write_termination_message(message: str) -> None:
+    """The reason into the pod's termination message, so `kubectl get ftj` says why without logs.
+
+    Only in a pod, where the kubelet made the file, and only the first failing rank's (every rank of a
+    broken gang fails, most of them only because a peer went away). Kubernetes keeps 4 KiB of it."""
+    from finetune_operator.api.trainer import TERMINATION_MESSAGE_PATH
+
+    try:  # never created here: outside a pod the file does not exist
+        fd = os.open(TERMINATION_MESSAGE_PATH, os.O_WRONLY | os.O_APPEND)
+    except OSError:
+        return  # not in a pod (`ftctl train`), or not writable: the log line says it all
+    with os.fdopen(fd, "w") as out:
+        if os.fstat(fd).st_size == 0:
+            out.write(" ".join(message.split())[:4000])
 
 
 def exit_now(code: int) -> None:

@@ -10,7 +10,8 @@ a shell usage error (2), or a signal death (128 + N, e.g. 137 for SIGKILL by the
 |      |                 | transient failure (network, storage, NCCL)           | counts to backoff   |
 | 78   | CONFIG_ERROR    | bad trainer config, bad data, unsupported method ×   | Failed, permanent   |
 |      |                 | ZeRO combination, a package the image lacks (e.g.    |                     |
-|      |                 | flash-attn): retrying cannot help                    |                     |
+|      |                 | flash-attn), a model or data set the hub refuses     |                     |
+|      |                 | (404, 401, gated): retrying cannot help              |                     |
 | 79   | OUT_OF_MEMORY   | torch.OutOfMemoryError: the plan under-estimated     | Failed with a hint  |
 |      |                 |                                                      | (re-plan, more GPUs)|
 
@@ -52,7 +53,8 @@ EXIT_CODES: Mapping[ExitCode, ExitMeaning] = MappingProxyType(
         ),
         ExitCode.CONFIG_ERROR: ExitMeaning(
             "ConfigError",
-            "the job as written cannot run (config, data, method × ZeRO, a missing package)",
+            "the job as written cannot run (config, data, method × ZeRO, a missing package, a model the hub "
+            "refuses)",
             retryable=False,
         ),
         ExitCode.OUT_OF_MEMORY: ExitMeaning(

@@ -243,7 +243,7 @@ def reconcile(
         _replace_stale(d, stale, blocking, job, desired)
         return d.actions()
 
-    failure = gang.first_failure
+    failure = gang.failure(policy.permanent_exit_codes)
     if failure is not None:
         _gang_failed(d, failure, current, run_policy, policy)
         return d.actions()
@@ -370,8 +370,9 @@ def _gang_failed(
     what = f"worker {failure.index} ({failure.name}) failed"
     what += f" with exit code {code}" if code is not None else ""
     what += f" ({failure.reason})" if failure.reason else ""
-    if failure.message:
-        what += f": {failure.message.strip()[:512]}"
+    if failure.message.strip():
+        # The trainer's one line, or the last line of a log tail (a traceback ends with the error)
+        what += f": {failure.message.strip().splitlines()[-1].strip()[:512]}"
     if failure.reason == "OOMKilled":
         reason = "OOMKilled"
     elif code is not None and code != 0:

@@ -15,7 +15,13 @@ from typing import Any
 import yaml
 
 from finetune_operator.api.models import GROUP, KIND, VERSION
-from finetune_operator.api.trainer import CONFIG_FILE, LAUNCH_COMMAND, METRICS_PORT, TRAIN_COMMAND
+from finetune_operator.api.trainer import (
+    CONFIG_FILE,
+    LAUNCH_COMMAND,
+    METRICS_PORT,
+    TERMINATION_MESSAGE_PATH,
+    TRAIN_COMMAND,
+)
 from finetune_operator.core import names
 from finetune_operator.core.gang import Gang, JobRef
 from finetune_operator.core.torch_env import torch_env, torchrun_args
@@ -160,6 +166,10 @@ def render_pod(gang: Gang, index: int) -> dict[str, Any]:
         ],
         "resources": {kind: dict(values) for kind, values in gang.resources.items()},
         "volumeMounts": volume_mounts,
+        # The trainer writes its one-line reason there; a worker killed before it could (SIGKILL, the
+        # kernel's OOM killer) leaves its last log lines instead.
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},

@@ -72,6 +72,8 @@ class Worker:
     #: Why Kubernetes ended the pod, when it did (the DisruptionTarget condition's reason:
     #: PreemptionByScheduler, EvictionByEvictionAPI, DeletionByTaintManager, TerminationByKubelet, ...).
     disruption: str | None = None
+    #: When its container ended (RFC 3339, as the kubelet writes it; compared as text, second resolution).
+    finished_at: str | None = None
 
     @property
     def active(self) -> bool:
@@ -148,7 +150,10 @@ def read_worker(pod: Mapping[str, Any]) -> Worker:
         )
         message = terminated.get("message") or status.get("message") or ""
         state = WorkerState.SUCCEEDED if phase == "Succeeded" else WorkerState.FAILED
-        return Worker(state=state, reason=reason, message=message, exit_code=code, **common)
+        finished = terminated.get("finishedAt") or None
+        return Worker(
+            state=state, reason=reason, message=message, exit_code=code, finished_at=finished, **common
+        )
     if phase == "Running":
         return Worker(state=WorkerState.RUNNING, **common)
     # Pending: not scheduled (and why), or scheduled and starting (and what blocks it)
@@ -197,10 +202,17 @@ class GangObservation:
         present = {w.index for w in self.workers}
         return [i for i in range(self.expected) if i not in present]
 
-    @property
-    def first_failure(self) -> Worker | None:
-        failed = sorted(self.by_state(WorkerState.FAILED), key=lambda w: w.index or 0)
-        return failed[0] if failed else None
+    def failure(self, permanent: frozenset[int]) -> Worker | None:
+        """The failed worker that explains the gang's failure: one with a `permanent` exit code first (a
+        config error in one rank makes the others fail only because their peer went away), then the one
+        that ended first (the others died of its absence), then the lowest rank."""
+        failed = self.by_state(WorkerState.FAILED)
+        if not failed:
+            return None
+        return min(
+            failed,
+            key=lambda w: (w.exit_code not in permanent, w.finished_at or "~", w.index or 0),
+        )
 
     @property
     def all_succeeded(self) -> bool:
