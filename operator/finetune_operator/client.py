@@ -14,6 +14,7 @@ Plain synchronous calls through the official kubernetes client; nothing here kee
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -31,6 +32,16 @@ from finetune_operator.manifests import load_job
 
 #: Phases after which nothing changes.
 FINISHED = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+def server_refusal(exc: ApiException) -> tuple[str, str]:
+    """(reason, message) of an API server refusal, from the Status in its body (`NotFound`, `Forbidden`,
+    what the webhook said); the HTTP status and reason where the body is not a Status."""
+    try:
+        body = json.loads(exc.body or "{}")
+        return str(body.get("reason") or exc.status), str(body.get("message") or exc.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.status), str(exc.reason)
 
 
 class JobFailed(RuntimeError):

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from kubernetes.client.exceptions import ApiException
-
 from finetune_operator import __version__
 from finetune_operator.cli import (
     completion,
@@ -72,7 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ValueError, OSError) as exc:
         print(f"ftctl {args.command}: {exc}", file=sys.stderr)
         return USAGE_ERROR
-    except ApiException as exc:  # the cluster said no (NotFound, Forbidden, ...): kubectl's exit status
+    except Exception as exc:
+        # The cluster said no (NotFound, Forbidden, ...): kubectl's exit status. Looked up, not imported:
+        # only a command that loaded the kubernetes client can raise its ApiException.
+        exceptions = sys.modules.get("kubernetes.client.exceptions")
+        if exceptions is None or not isinstance(exc, exceptions.ApiException):
+            raise
         print(f"ftctl {args.command}: {api_message(exc)}", file=sys.stderr)
         return API_ERROR
     return code

@@ -8,13 +8,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from finetune_operator.client import FineTuneClient
 from finetune_operator.core.architecture import ModelArchitecture, load_hf_config
 from finetune_operator.core.estimate import MemoryEstimate
+
+if TYPE_CHECKING:
+    from kubernetes.client.exceptions import ApiException
+
+    from finetune_operator.client import FineTuneClient
 
 GIB = 1024**3
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "overhead")
@@ -102,6 +106,10 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
 
 
 def client_for(args: argparse.Namespace) -> FineTuneClient:
+    """The SDK client for the cluster commands; imported here, so the offline ones (plan, estimate,
+    models, train) never load the kubernetes client (half of ftctl's start-up)."""
+    from finetune_operator.client import FineTuneClient
+
     return FineTuneClient(namespace=args.namespace, kubeconfig=args.kubeconfig)
 
 
@@ -130,13 +138,12 @@ def columns(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def api_message(exc: Any) -> str:
+def api_message(exc: ApiException) -> str:
     """An API server refusal as kubectl prints it: `Error from server (NotFound): ...`."""
-    try:
-        body = json.loads(exc.body)
-        return f"Error from server ({body.get('reason', exc.status)}): {body.get('message', exc.reason)}"
-    except (TypeError, ValueError):
-        return f"Error from server ({exc.status}): {exc.reason}"
+    from finetune_operator.client import server_refusal
+
+    reason, message = server_refusal(exc)
+    return f"Error from server ({reason}): {message}"
 
 
 def explain_peak(estimate: MemoryEstimate, zero_stage: int) -> list[str]:

@@ -12,7 +12,6 @@ import argparse
 import sys
 
 from finetune_operator.cli.common import HelpFormatter, add_cluster_options, add_filename_option, client_for
-from finetune_operator.client import JobFailed
 from finetune_operator.core.plan import plan
 from finetune_operator.manifests import load_jobs
 
@@ -34,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from finetune_operator.client import JobFailed  # the kubernetes client, for cluster commands only
+
     jobs = load_jobs(args.filename)
     misfits = [(j, plan(j.job.spec)) for j in jobs]
     misfits = [(j, p) for j, p in misfits if not p.fits]

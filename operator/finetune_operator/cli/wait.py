@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 from finetune_operator.api.models import FineTuneJobStatus
 from finetune_operator.cli.common import CliError, HelpFormatter, add_cluster_options, client_for
-from finetune_operator.client import JobFailed
 
 NOT_MET = 1
 
@@ -44,6 +43,8 @@ def predicate(text: str | None) -> Callable[[FineTuneJobStatus], bool] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finetune_operator.client import JobFailed  # the kubernetes client, for cluster commands only
+
     until = predicate(args.until)
     try:
         status = client_for(args).wait(args.name, timeout=args.timeout, until=until)
