@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import kopf
@@ -25,7 +26,7 @@ from finetune_operator.api.models import FineTuneJobStatus
 from finetune_operator.core.desire import SpecProblem, desire, parse_job
 from finetune_operator.core.gang import JobRef
 from finetune_operator.core.lifecycle import Actions, reconcile, rejected
-from finetune_operator.core.status import parse_time
+from finetune_operator.core.status import NodeView, nodes_to_check, parse_time, read_worker
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import refiner_for
 from finetune_operator.settings import Settings
@@ -50,16 +51,22 @@ def job_ref(body: Mapping[str, Any]) -> JobRef:
 
 
 def decide(
-    body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], now: datetime, settings: Settings
+    body: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    now: datetime,
+    settings: Settings,
+    nodes: Mapping[str, NodeView | None] = MappingProxyType({}),
 ) -> Actions:
-    """The next step for the job `body` with `pods`: the whole pure pipeline."""
+    """The next step for the job `body` with `pods` (and the nodes of its suspect workers): the whole pure
+    pipeline."""
     ref = job_ref(body)
     status = read_status(body)
     job = parse_job(body)
+    policy = settings.lifecycle_policy()
     if isinstance(job, SpecProblem):
-        return reconcile(ref, None, status, job, pods, now, settings.lifecycle_policy())
+        return reconcile(ref, None, status, job, pods, now, policy, nodes)
     desired = desire(job, ref, settings.render_options(), status.attempt, refiner_for(job))
-    return reconcile(ref, job.spec, status, desired, pods, now, settings.lifecycle_policy())
+    return reconcile(ref, job.spec, status, desired, pods, now, policy, nodes)
 
 
 class Controller:
@@ -144,7 +151,10 @@ class Controller:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return False, None
         pods = await asyncio.to_thread(self.api.list_pods, namespace, name)
-        actions = decide(body, pods, datetime.now(UTC), self.settings)
+        # Only the nodes of workers being deleted or no longer Ready: a healthy gang costs no node reads.
+        suspects = nodes_to_check(read_worker(pod) for pod in pods)
+        nodes = await asyncio.to_thread(self.api.read_nodes, suspects) if suspects else {}
+        actions = decide(body, pods, datetime.now(UTC), self.settings, nodes)
         try:
             await asyncio.to_thread(self.api.apply, body, actions)
         except kopf.PermanentError as exc:

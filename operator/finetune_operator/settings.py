@@ -49,6 +49,9 @@ class RestartSettings:
     backoff_seconds: float = 10.0
     #: Cap (seconds) on that wait: five minutes, after which waiting longer rarely helps.
     backoff_max_seconds: float = 300.0
+    #: Seconds a worker's node may stay not Ready (its kubelet silent) before the worker is lost: the gang
+    #: restarts as a disruption and the pod is force-deleted (core/lifecycle.py says why that is safe).
+    node_lost_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class Settings:
             run_as_user=self.trainer.run_as_user,
             placement_preset=self.placement.preset,
             termination_grace_seconds=self.trainer.termination_grace_seconds,
+            node_lost_seconds=round(self.restarts.node_lost_seconds),
         )
 
     def lifecycle_policy(self) -> LifecyclePolicy:
@@ -170,6 +174,7 @@ class Settings:
             restart_backoff_seconds=self.restarts.backoff_seconds,
             restart_backoff_max_seconds=self.restarts.backoff_max_seconds,
             stalled_after_seconds=self.timing.stalled_after_seconds,
+            node_lost_seconds=self.restarts.node_lost_seconds,
         )
 
 

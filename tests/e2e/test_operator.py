@@ -7,6 +7,7 @@ takes about a second. KWOK makes scheduled pods Running; `finish_pod` ends them 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -55,6 +56,7 @@ OPERATOR_ENV = {
     "FINETUNE_TIMING_DEBOUNCE_SECONDS": "0.05",
     "FINETUNE_TIMING_ERROR_BACKOFF_SECONDS": "0.2",
     "FINETUNE_RESTARTS_BACKOFF_SECONDS": "0.5",
+    "FINETUNE_RESTARTS_NODE_LOST_SECONDS": "5",
     "FINETUNE_TRAINER_IMAGE": "trainer:e2e",
     "PYTHONUNBUFFERED": "1",
 }
@@ -286,9 +288,14 @@ def worker_pods(core: CoreV1Api, namespace: str, job: str) -> list[Any]:
 
 
 def wait_pods(
-    core: CoreV1Api, namespace: str, job: str, check: Callable[[list[Any]], bool], what: str
+    core: CoreV1Api,
+    namespace: str,
+    job: str,
+    check: Callable[[list[Any]], bool],
+    what: str,
+    timeout: float = TIMEOUT,
 ) -> list[Any]:
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + timeout
     while True:
         pods = worker_pods(core, namespace, job)
         if check(pods):
@@ -1061,3 +1068,51 @@ def test_evicted_workers_restart_the_gang_without_spending_the_backoff_limit(
     finish_all(core, ns, name, 0)
     status = wait_job(api, operator, name, phase_is("Succeeded"), "success after three evictions")
     assert (status.get("restarts", 0), status["disruptions"]) == (0, 3)
+
+
+#: tools/cluster/stages.yaml: a node annotated so reports Ready False (its kubelet stopped), and a pod
+#: annotated so is never removed once deleted (no kubelet confirms it).
+KWOK_LOST_NODE = "kwok.finetune.dev/lost"
+KWOK_STUCK_POD = "kwok.finetune.dev/stuck"
+
+
+def test_a_node_that_stops_reporting_restarts_the_gang_on_the_others(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """One worker's node stops being Ready, as when its kubelet or the machine dies, and nothing will ever
+    finish its pod's deletion. Kubernetes taints the node and evicts the worker after the operator's
+    toleration (5 s here); the operator reads the node, takes the worker as lost, force-deletes it and
+    restarts the gang, as a disruption, on the other nodes, instead of waiting forever on a pod stuck
+    Terminating whose name the next attempt needs."""
+    ns, name = operator.namespace, "stranded"
+    create(api, ns, two_nodes(name, backoffLimit=0))
+    first = wait_pods(core, ns, name, all_running(2), "two running workers")
+    wait_job(api, operator, name, phase_is("Running"), "Running")
+    lost, stuck = first[1].spec.node_name, first[1].metadata.name
+    core.patch_namespaced_pod(stuck, ns, {"metadata": {"annotations": {KWOK_STUCK_POD: "true"}}})
+    core.patch_node(lost, {"metadata": {"annotations": {KWOK_LOST_NODE: "true"}}})
+    started = time.monotonic()
+    try:
+        second = wait_pods(core, ns, name, all_running(2, attempt=1), "a new gang")
+        took = time.monotonic() - started
+        assert lost not in {p.spec.node_name for p in second}
+        assert first[1].metadata.uid not in {p.metadata.uid for p in second}  # force-deleted, replaced
+        status = wait_job(api, operator, name, phase_is("Running"), "Running after the node loss")
+        # backoffLimit 0: a restart that counted against it would have failed the job
+        assert (status.get("restarts", 0), status["disruptions"]) == (0, 1)
+        events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        (event,) = [e for e in events if e.reason == "NodeLost"]
+        assert f"is on node {lost}, which has not been Ready for 5s" in event.message
+        print(f"node {lost} lost: the gang ran again on other nodes {took:.0f}s after it stopped")
+    finally:
+        with contextlib.suppress(ApiException):  # a pod left stuck would hold its namespace forever
+            core.patch_namespaced_pod(stuck, ns, {"metadata": {"annotations": {KWOK_STUCK_POD: None}}})
+        core.patch_node(lost, {"metadata": {"annotations": {KWOK_LOST_NODE: None}}})
+
+        def ready_again() -> bool:
+            node = core.read_node(lost)
+            ready = [c for c in node.status.conditions or [] if c.type == "Ready"]
+            tainted = [t for t in node.spec.taints or [] if t.key.startswith("node.kubernetes.io/")]
+            return bool(ready) and ready[0].status == "True" and not tainted
+
+        eventually(ready_again, f"node {lost} Ready and untainted again", operator.tail)

@@ -74,6 +74,7 @@ def pod_doc(
     progress: str | None = None,
     disruption: str | None = None,
     finished_at: str | None = None,
+    ready: bool | None = None,
 ) -> dict[str, Any]:
     """A worker pod as the API server returns it, in the state the arguments describe."""
     annotations = {names.ANNOTATION_GENERATION: str(generation)}
@@ -102,6 +103,8 @@ def pod_doc(
     status: dict[str, Any] = {"phase": phase}
     if disruption:  # what the API server writes before it preempts, evicts or drains a pod
         status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": disruption}]
+    if ready is not None:  # the node lifecycle controller marks a silent node's pods not Ready
+        status.setdefault("conditions", []).append({"type": "Ready", "status": str(ready)})
     if unschedulable:
         status["conditions"] = [
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}

@@ -14,7 +14,7 @@ from finetune_operator.api.enums import Phase
 from finetune_operator.api.models import Condition, FineTuneJobStatus, WorkersStatus
 from finetune_operator.core.desire import Desired, desire
 from finetune_operator.core.lifecycle import Actions, Event, LifecyclePolicy, reconcile
-from finetune_operator.core.status import rfc3339
+from finetune_operator.core.status import NodeView, rfc3339
 
 POLICY = LifecyclePolicy(restart_backoff_seconds=10, restart_backoff_max_seconds=300)
 EARLIER = rfc3339(NOW - timedelta(seconds=100))
@@ -528,3 +528,79 @@ def test_preempted_five_times_is_not_a_backoff_failure() -> None:
     # the trainer's own failure still counts
     failed = run(status, [pod_doc(0, attempt=5, phase="Failed", exit_code=1), pod_doc(1, attempt=5)])
     assert (failed.status.restarts, failed.status.disruptions) == (1, 5)
+
+
+# --- node loss ------------------------------------------------------------------------------------------
+
+
+def node(name: str, ready: bool, seconds_ago: float = 0) -> NodeView:
+    return NodeView(name, ready, rfc3339(NOW - timedelta(seconds=seconds_ago)))
+
+
+def on_a_silent_node(**updates: Any) -> list[dict[str, Any]]:
+    """Worker 1's node stopped reporting: the node lifecycle controller marked its pod not Ready."""
+    return [pod_doc(0), pod_doc(1, node="gpu-node-1", ready=False, **updates)]
+
+
+def run_with_nodes(
+    status: FineTuneJobStatus, pods: list[dict[str, Any]], nodes: dict[str, NodeView | None]
+) -> Actions:
+    the_job = job()
+    desired = desire(the_job, ref(), OPTIONS, attempt=status.attempt)
+    return reconcile(ref(), the_job.spec, status, desired, pods, NOW, POLICY, nodes)
+
+
+def test_a_node_not_ready_for_less_than_the_grace_is_waited_for() -> None:
+    actions = run_with_nodes(
+        running_status(), on_a_silent_node(), {"gpu-node-1": node("gpu-node-1", False, 30)}
+    )
+    assert actions.status.phase == "Running"
+    assert (actions.delete_pods, actions.force_delete_pods) == ((), ())
+    assert actions.requeue_after == pytest.approx(POLICY.node_lost_seconds - 30)
+
+
+@pytest.mark.parametrize("lost", [node("gpu-node-1", False, 130), None], ids=["not-ready", "deleted"])
+def test_a_lost_node_restarts_the_gang_as_a_disruption_and_force_deletes_its_pod(
+    lost: NodeView | None,
+) -> None:
+    actions = run_with_nodes(running_status(), on_a_silent_node(), {"gpu-node-1": lost})
+    assert actions.status.phase == "Restarting"
+    assert condition(actions, "Restarting") == ("True", "NodeLost")
+    assert (actions.status.restarts, actions.status.disruptions, actions.status.attempt) == (0, 1, 1)
+    assert actions.force_delete_pods == ("tiny-worker-1",)  # no kubelet will confirm a graceful delete
+    assert actions.delete_pods == ("tiny-worker-0",)  # its healthy peer gets SIGTERM and its grace
+    assert reasons(actions)[0] == "NodeLost"
+    assert (
+        "tiny-worker-1) is on node gpu-node-1, which has not been Ready for 120s" in actions.events[0].message
+    )
+
+
+def test_a_pod_evicted_from_a_lost_node_stays_terminating_and_is_force_deleted() -> None:
+    """The taint manager evicted it, but its kubelet is gone: as an old attempt it would block the names
+    of the next one forever; the healthy terminating peer is waited for."""
+    restarting = run_with_nodes(
+        running_status(), on_a_silent_node(), {"gpu-node-1": node("gpu-node-1", False, 130)}
+    ).status
+    old = [
+        pod_doc(0, deleting=True),
+        pod_doc(1, node="gpu-node-1", ready=False, deleting=True, disruption="DeletionByTaintManager"),
+    ]
+    actions = run_with_nodes(restarting, old, {"gpu-node-1": node("gpu-node-1", False, 140)})
+    assert (actions.force_delete_pods, actions.delete_pods, actions.create_pods) == (
+        ("tiny-worker-1",),
+        (),
+        (),
+    )
+    assert actions.status.disruptions == 1  # the same loss is not counted again
+
+
+def test_a_finished_job_force_deletes_a_worker_left_on_a_lost_node() -> None:
+    done = running_status(phase=Phase.SUCCEEDED, completion_time=EARLIER)
+    actions = run_with_nodes(done, on_a_silent_node(), {"gpu-node-1": None})
+    assert (actions.delete_pods, actions.force_delete_pods) == (("tiny-worker-0",), ("tiny-worker-1",))
+
+
+def test_a_ready_node_or_one_not_read_is_never_lost() -> None:
+    for nodes in ({"gpu-node-1": node("gpu-node-1", True, 500)}, {}):
+        actions = run_with_nodes(running_status(), on_a_silent_node(), nodes)
+        assert actions.status.phase == "Running" and actions.force_delete_pods == ()

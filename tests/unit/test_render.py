@@ -28,6 +28,18 @@ OWNER = {
     "blockOwnerDeletion": True,
 }
 
+#: Workers stay on a node that stopped being Ready for the operator's node-loss grace, not Kubernetes'
+#: 300 s: the eviction that follows is what makes the operator look at the node.
+NODE_LOSS = [
+    {
+        "key": f"node.kubernetes.io/{taint}",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 120,
+    }
+    for taint in ("not-ready", "unreachable")
+]
+
 
 def desired(**spec_updates: Any) -> Desired:
     result = desire(job(**spec_updates), ref(), OPTIONS, attempt=0)
@@ -136,7 +148,10 @@ def expected_worker(index: int, hash_: str) -> dict[str, Any]:
                 },
                 {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
             ],
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                *NODE_LOSS,
+            ],
             "serviceAccountName": "finetune-trainer",
             "affinity": {
                 "nodeAffinity": {
@@ -252,7 +267,11 @@ def test_scheduling_knobs_credentials_and_user_env_reach_every_worker() -> None:
         secrets={"hfToken": {"name": "hf", "key": "token"}, "storage": "s3-creds"},
         env=[{"name": "NCCL_DEBUG", "value": "INFO"}],
         nodeSelector={"pool": "training"},
-        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        tolerations=[
+            {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+            # the job's own toleration of a node-loss taint replaces the operator's
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+        ],
         priorityClassName="batch-high",
         serviceAccountName="team-a-trainer",
         image="registry.example/trainer:2",
@@ -279,7 +298,9 @@ def test_scheduling_knobs_credentials_and_user_env_reach_every_worker() -> None:
         assert spec["nodeSelector"] == {"pool": "training"}
         assert spec["tolerations"] == [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            NODE_LOSS[0],
             {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
         ]
         assert spec["priorityClassName"] == "batch-high"
         assert spec["serviceAccountName"] == "team-a-trainer"

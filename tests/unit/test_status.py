@@ -12,10 +12,13 @@ from finetune_operator.api.models import Condition, ProgressStatus, WorkersStatu
 from finetune_operator.api.trainer import ProgressReport
 from finetune_operator.core.status import (
     ConditionType,
+    NodeView,
     Worker,
     WorkerState,
+    nodes_to_check,
     observe,
     progress_status,
+    read_node,
     read_progress,
     read_worker,
     set_condition,
@@ -28,7 +31,10 @@ COMMON = {
     "template_hash": None,
     "generation": 1,
     "deleting": False,
+    "node": "gpu-node-0",
 }
+#: A pod no node has taken yet.
+UNPLACED = {**COMMON, "node": None}
 
 
 def test_the_failure_that_explains_a_gang_is_the_permanent_one_then_the_earliest() -> None:
@@ -57,7 +63,7 @@ def test_the_failure_that_explains_a_gang_is_the_permanent_one_then_the_earliest
         (pod_doc(0, phase="Running"), Worker(name="tiny-worker-0", state=WorkerState.RUNNING, **COMMON)),
         (
             pod_doc(0, phase="Pending", node=None),
-            Worker(name="tiny-worker-0", state=WorkerState.UNSCHEDULED, **COMMON),
+            Worker(name="tiny-worker-0", state=WorkerState.UNSCHEDULED, **UNPLACED),
         ),
         (
             pod_doc(
@@ -68,7 +74,7 @@ def test_the_failure_that_explains_a_gang_is_the_permanent_one_then_the_earliest
                 state=WorkerState.UNSCHEDULED,
                 reason="Unschedulable",
                 message="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
-                **COMMON,
+                **UNPLACED,
             ),
         ),
         (
@@ -78,7 +84,7 @@ def test_the_failure_that_explains_a_gang_is_the_permanent_one_then_the_earliest
                 state=WorkerState.UNSCHEDULED,
                 reason="SchedulingGated",
                 message="waiting for Kueue admission",
-                **COMMON,
+                **UNPLACED,
             ),
         ),
         (
@@ -244,3 +250,26 @@ def test_progress_comes_from_the_trainers_report_and_survives_rank0_going_away()
 def test_progress_shows_the_measured_peak_in_gib() -> None:
     status = ProgressReport(step=1, total_steps=2, peak_memory_bytes=int(15.2 * 2**30)).to_status()
     assert (status.peak_memory_bytes, status.peak_memory) == (int(15.2 * 2**30), "15.2 GiB")
+
+
+def test_only_workers_that_may_have_lost_their_node_have_it_read() -> None:
+    workers = [
+        read_worker(pod_doc(0, node="a")),  # running and Ready: healthy
+        read_worker(pod_doc(1, node="b", ready=False)),  # marked not Ready by the node controller
+        read_worker(pod_doc(2, node="c", deleting=True)),  # being deleted
+        read_worker(pod_doc(3, node="b", ready=False)),
+        read_worker(pod_doc(4, node="d", phase="Failed", exit_code=1, ready=False)),  # finished
+        read_worker(pod_doc(5, phase="Pending", unschedulable="no GPU")),  # on no node
+    ]
+    assert nodes_to_check(workers) == ["b", "c"]
+
+
+def test_read_node_takes_false_and_unknown_as_not_ready() -> None:
+    def doc(status: str | None) -> dict[str, Any]:
+        conditions = [{"type": "Ready", "status": status, "lastTransitionTime": "2025-01-02T03:04:05Z"}]
+        return {"metadata": {"name": "n"}, "status": {"conditions": conditions if status else []}}
+
+    assert read_node(doc("True")) == NodeView("n", True, "2025-01-02T03:04:05Z")
+    assert read_node(doc("Unknown")) == NodeView("n", False, "2025-01-02T03:04:05Z")
+    assert read_node(doc("False")).ready is False
+    assert read_node(doc(None)) == NodeView("n", False, None)

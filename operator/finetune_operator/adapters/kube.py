@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -20,8 +20,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
+from finetune_operator.client import server_refusal
 from finetune_operator.core import names
 from finetune_operator.core.lifecycle import Actions
+from finetune_operator.core.status import NodeView, read_node
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def connection_info(api_client: client.ApiClient) -> kopf.ConnectionInfo:
 def classify(exc: Exception, what: str) -> kopf.TemporaryError | kopf.PermanentError:
     """kopf's error kind for a failed API call."""
     if isinstance(exc, ApiException):
-        detail = _api_message(exc)
+        detail = server_refusal(exc)[1]
         transient_403 = exc.status == 403 and any(marker in detail for marker in RETRYABLE_FORBIDDEN)
         if exc.status in RETRYABLE_STATUS or transient_403 or exc.status is None or exc.status == 0:
             return kopf.TemporaryError(f"{what}: {exc.status} {detail}")
@@ -67,13 +69,6 @@ def classify(exc: Exception, what: str) -> kopf.TemporaryError | kopf.PermanentE
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         return kopf.TemporaryError(f"{what}: {exc}")
     return kopf.PermanentError(f"{what}: {exc!r}")
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except (ValueError, AttributeError):
-        return str(exc.reason)
 
 
 class JobApi:
@@ -113,6 +108,27 @@ class JobApi:
             return items
         except Exception as exc:
             raise classify(exc, f"list pods of {namespace}/{job_name}") from exc
+
+    def read_nodes(self, node_names: Iterable[str]) -> dict[str, NodeView | None]:
+        """The readiness of these nodes (None: the node no longer exists). A node the operator may not read
+        (RBAC without nodes/get) is left out, so its workers are never taken as lost on a guess."""
+        found: dict[str, NodeView | None] = {}
+        for name in node_names:
+            try:
+                response: Any = self.core.read_node(name, _preload_content=False)
+                found[name] = read_node(json.loads(response.data))
+            except ApiException as exc:
+                if exc.status == 404:
+                    found[name] = None
+                elif exc.status == 403:
+                    log.warning(
+                        "cannot read node %s to tell whether it is lost: %s", name, server_refusal(exc)[1]
+                    )
+                else:
+                    raise classify(exc, f"read node {name}") from exc
+            except Exception as exc:
+                raise classify(exc, f"read node {name}") from exc
+        return found
 
     # --- writes -----------------------------------------------------------------------------------
 
@@ -186,9 +202,13 @@ class JobApi:
         except Exception as exc:
             raise classify(exc, f"create pod {meta['namespace']}/{meta['name']}") from exc
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+        """Delete gracefully (the worker gets SIGTERM and its grace period), or with `force` at once: for a
+        pod on a lost node, whose kubelet will never confirm a graceful deletion."""
         try:
-            self.core.delete_namespaced_pod(name, namespace, propagation_policy="Background")
+            self.core.delete_namespaced_pod(
+                name, namespace, propagation_policy="Background", grace_period_seconds=0 if force else None
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise classify(exc, f"delete pod {namespace}/{name}") from exc
@@ -216,6 +236,9 @@ class JobApi:
             self.ensure(obj)
         for pod_name in actions.delete_pods:
             self.delete_pod(namespace, pod_name)
+        for pod_name in actions.force_delete_pods:
+            log.warning("force-deleting pod %s/%s: its node is lost", namespace, pod_name)
+            self.delete_pod(namespace, pod_name, force=True)
         for pod in actions.create_pods:
             if not self.create_pod(pod):
                 log.debug("pod %s/%s already exists", namespace, pod["metadata"]["name"])

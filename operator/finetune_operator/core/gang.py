@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_operator.api.models import FineTuneJob
+from finetune_operator.api.models import FineTuneJob, Toleration
 from finetune_operator.api.trainer import CONFIG_FILE
 from finetune_operator.core import names
 from finetune_operator.core.placement import placement
@@ -41,6 +41,9 @@ class RenderOptions:
     placement_preset: str = "nvidia-gfd"
     #: Seconds a worker gets after SIGTERM; the trainer saves a checkpoint on SIGTERM (exit code 75).
     termination_grace_seconds: int = 120
+    #: Seconds the workers tolerate their node being not Ready or unreachable before Kubernetes evicts
+    #: them, which tells the operator to look at the node (LifecyclePolicy.node_lost_seconds).
+    node_lost_seconds: int = 120
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,22 @@ def worker_affinity(
     return affinity | own
 
 
+#: The taints the node lifecycle controller puts on a node that stops being Ready.
+NODE_LOSS_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def node_loss_tolerations(own: Sequence[Toleration], seconds: int) -> list[dict[str, Any]]:
+    """How long the workers stay on a node that stopped being Ready before Kubernetes evicts them (it
+    would wait 300 s): the eviction marks the pod, and the operator then reads its node to tell a lost
+    one (force-delete, restart elsewhere) from a recovered one. A job's own toleration of a key wins."""
+    keys = {t.key for t in own}
+    return [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+        for key in NODE_LOSS_TAINTS
+        if key not in keys
+    ]
+
+
 def config_data(job: FineTuneJob, planned: Plan) -> dict[str, str]:
     """The ConfigMap's one file: the trainer config every worker reads. The trainer renders its DeepSpeed
     config from it, so the DeepSpeed settings have one copy and one owner."""
@@ -178,6 +197,7 @@ def build_gang(job: FineTuneJob, ref: JobRef, planned: Plan, options: RenderOpti
         tolerations=[
             # GPU nodes are commonly tainted with their resource name so that only GPU work lands there.
             {"key": placed.resource, "operator": "Exists", "effect": "NoSchedule"},
+            *node_loss_tolerations(spec.tolerations, options.node_lost_seconds),
             *(t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations),
         ],
         affinity=worker_affinity(job, ref, planned.nodes, placed.affinity) or None,

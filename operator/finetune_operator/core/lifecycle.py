@@ -21,9 +21,17 @@ The rules, in the order they apply:
    exhausted backoffLimit fails it, anything else deletes the whole gang and recreates it after an
    exponential backoff (counted from status.lastRestartTime), and the trainer resumes from its newest
    checkpoint; a worker that vanished from a running gang restarts it the same way;
+   a worker whose node has not been Ready for `node_lost_seconds` restarts it as a disruption;
 7. missing workers are created; the phase and conditions follow from what the pods say;
 8. a running gang whose step has not moved for the progress deadline is Stalled (a condition and an
    event, not a failure: a hung collective is worth a look, a slow step is not worth killing).
+
+Workers on a lost node are force-deleted wherever a rule removes workers: their kubelet is gone, so a
+graceful deletion would never finish and, with names reused, would block the next attempt forever.
+This is safe for the reasons Kubernetes' out-of-service taint is: if the machine is only cut off and its
+process still runs, it cannot finish a checkpoint (every save ends in a barrier with the other ranks,
+which are being replaced), a half-written one is never marked complete (checkpoints.py), and its
+kubelet kills it once it reconnects and finds the pod gone.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Literal
 
 from finetune_operator.api.enums import Phase
@@ -45,6 +54,7 @@ from finetune_operator.core.status import (
     IMAGE_PULL_REASONS,
     ConditionType,
     GangObservation,
+    NodeView,
     Worker,
     WorkerState,
     get_condition,
@@ -74,6 +84,11 @@ class LifecyclePolicy:
     #: A running job whose step has not moved this long is Stalled (runPolicy.progressDeadlineSeconds
     #: overrides it per job). Half an hour covers loading and tokenising a large model before step 1.
     stalled_after_seconds: float = 1800.0
+    #: A worker whose node has not been Ready this long (its kubelet stopped reporting: a dead or cut-off
+    #: machine) is lost: its gang restarts as a disruption, and its pod is force-deleted, since no kubelet
+    #: will ever confirm a graceful deletion. Two minutes ride out a kubelet restart or a network blip,
+    #: which do not stop the training itself.
+    node_lost_seconds: float = 120.0
 
     def backoff(self, restarts: int) -> float:
         """The wait before recreating the gang for restart number `restarts` (1-based)."""
@@ -93,13 +108,16 @@ class Event:
 
 @dataclass(frozen=True)
 class Actions:
-    """What to do, applied in this order: status, ensure, delete, create, events, delete the job."""
+    """What to do, applied in this order: status, ensure, delete (force-delete), create, events, delete the
+    job."""
 
     status: FineTuneJobStatus
     status_changed: bool
     #: The trainer's account and binding, ConfigMap and Service: create if absent, update if different
     ensure: tuple[dict[str, Any], ...] = ()
     delete_pods: tuple[str, ...] = ()
+    #: Pods on lost nodes, deleted without a grace period (see `_lost`)
+    force_delete_pods: tuple[str, ...] = ()
     create_pods: tuple[dict[str, Any], ...] = ()
     events: tuple[Event, ...] = ()
     delete_job: bool = False
@@ -117,6 +135,9 @@ class _Decision:
     events: list[Event] = field(default_factory=list)
     ensure: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
+    force_delete: list[str] = field(default_factory=list)
+    #: Names of workers on lost nodes: removing one force-deletes it, even while it is terminating
+    lost: frozenset[str] = frozenset()
     create: list[dict[str, Any]] = field(default_factory=list)
     delete_job: bool = False
     requeue: float | None = None
@@ -163,7 +184,14 @@ class _Decision:
         self.status.message = message
 
     def remove(self, workers: Iterable[Worker]) -> None:
-        self.delete.extend(w.name for w in workers if not w.deleting and w.name not in self.delete)
+        """Delete these workers: gracefully (SIGTERM, a checkpoint), or at once where the node is lost and
+        no kubelet would ever finish a graceful deletion."""
+        for w in workers:
+            if w.name in self.lost:
+                if w.name not in self.force_delete:
+                    self.force_delete.append(w.name)
+            elif not w.deleting and w.name not in self.delete:
+                self.delete.append(w.name)
 
     def after(self, seconds: float) -> None:
         seconds = max(seconds, 0.0)
@@ -181,6 +209,7 @@ class _Decision:
             status_changed=changed,
             ensure=tuple(self.ensure),
             delete_pods=tuple(self.delete),
+            force_delete_pods=tuple(self.force_delete),
             create_pods=tuple(self.create),
             events=tuple(self.events),
             delete_job=self.delete_job,
@@ -196,12 +225,15 @@ def reconcile(
     pods: Sequence[Mapping[str, Any]],
     now: datetime,
     policy: LifecyclePolicy,
+    nodes: Mapping[str, NodeView | None] = MappingProxyType({}),
 ) -> Actions:
-    """The next step for one job, given its spec (None when it does not parse), status and pods."""
+    """The next step for one job, given its spec (None when it does not parse), status and pods, and the
+    nodes of its suspect workers (`status.nodes_to_check`; None for a node that no longer exists)."""
     d = _Decision(status, now, job.generation)
     workers = [read_worker(pod) for pod in pods]
     ours = [w for w in workers if w.owner_uid == job.uid]
     foreign = [w for w in workers if w.owner_uid != job.uid]
+    d.lost = _lost(d, ours, nodes, policy)
     run_policy = spec.run_policy if spec is not None else RunPolicySpec()
 
     if d.status.phase in FINISHED:
@@ -246,6 +278,11 @@ def reconcile(
     failure = gang.failure(policy.permanent_exit_codes)
     if failure is not None:
         _gang_failed(d, failure, current, run_policy, policy)
+        return d.actions()
+
+    stranded = [w for w in gang.workers if w.name in d.lost and w.state != WorkerState.SUCCEEDED]
+    if stranded:
+        _node_lost(d, stranded[0], current, run_policy, policy)
         return d.actions()
 
     if d.status.phase == Phase.RESTARTING and _backing_off(d, policy):
@@ -401,6 +438,47 @@ def _worker_vanished(
     out. The whole gang restarts instead."""
     what = f"worker {missing} vanished from the running gang (deleted or evicted)"
     _restart_gang(d, "WorkerMissing", what, current, run_policy, policy, disruption=True)
+
+
+def _lost(
+    d: _Decision, ours: Sequence[Worker], nodes: Mapping[str, NodeView | None], policy: LifecyclePolicy
+) -> frozenset[str]:
+    """Workers whose node is gone, or has not been Ready for `policy.node_lost_seconds`; for a node not
+    Ready for less, look again when that time is up."""
+    lost = set()
+    for worker in ours:
+        if not worker.suspect or worker.node is None or worker.node not in nodes:
+            continue
+        node = nodes[worker.node]
+        if node is None:
+            lost.add(worker.name)
+            continue
+        if node.ready:
+            continue
+        since = parse_time(node.since) or d.now
+        left = (since + timedelta(seconds=policy.node_lost_seconds) - d.now).total_seconds()
+        if left <= 0:
+            lost.add(worker.name)
+        else:
+            d.after(left)
+    return frozenset(lost)
+
+
+def _node_lost(
+    d: _Decision,
+    worker: Worker,
+    current: Sequence[Worker],
+    run_policy: RunPolicySpec,
+    policy: LifecyclePolicy,
+) -> None:
+    """A worker's node stopped reporting (a dead machine, a cut network): the gang cannot go on without
+    it, and nothing will confirm its pod's deletion, so the gang restarts now, as a disruption, on the
+    nodes that remain (the scheduler avoids the lost node by its unreachable / not-ready taint)."""
+    what = (
+        f"worker {worker.index} ({worker.name}) is on node {worker.node}, which has not been Ready for "
+        f"{policy.node_lost_seconds:.0f}s"
+    )
+    _restart_gang(d, "NodeLost", what, current, run_policy, policy, disruption=True)
 
 
 def _restart_gang(

@@ -74,11 +74,49 @@ class Worker:
     disruption: str | None = None
     #: When its container ended (RFC 3339, as the kubelet writes it; compared as text, second resolution).
     finished_at: str | None = None
+    #: The node it is bound to, and whether the pod's Ready condition is False (the node lifecycle
+    #: controller marks every pod of a node that stopped reporting so).
+    node: str | None = None
+    not_ready: bool = False
 
     @property
     def active(self) -> bool:
         """Still holds (or may soon hold) GPUs."""
         return self.state not in (WorkerState.SUCCEEDED, WorkerState.FAILED) and not self.deleting
+
+    @property
+    def suspect(self) -> bool:
+        """Its node may be gone: it is being deleted, or it runs but is no longer Ready. Only such workers'
+        nodes are read, so a healthy gang costs no node reads."""
+        unfinished = self.state not in (WorkerState.SUCCEEDED, WorkerState.FAILED)
+        return self.node is not None and unfinished and (self.deleting or self.not_ready)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the lifecycle needs of a worker's node: whether it reports Ready, and since when it does not."""
+
+    name: str
+    ready: bool
+    #: The Ready condition's lastTransitionTime (RFC 3339); None when the node never reported.
+    since: str | None = None
+
+
+def read_node(node: Mapping[str, Any]) -> NodeView:
+    """A node document's readiness: Ready False or Unknown (its kubelet stopped reporting) is not ready."""
+    ready = next(
+        (c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None
+    )
+    return NodeView(
+        name=(node.get("metadata") or {}).get("name", ""),
+        ready=ready is not None and ready.get("status") == "True",
+        since=(ready or {}).get("lastTransitionTime"),
+    )
+
+
+def nodes_to_check(workers: Iterable[Worker]) -> list[str]:
+    """The nodes worth reading: those of suspect workers, each once, in order."""
+    return list(dict.fromkeys(w.node for w in workers if w.suspect and w.node))
 
 
 def _int(value: Any) -> int | None:
@@ -128,7 +166,10 @@ def read_worker(pod: Mapping[str, Any]) -> Worker:
         ),
         None,
     )
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
     common = {
+        "node": (pod.get("spec") or {}).get("nodeName") or None,
+        "not_ready": ready is not None and ready.get("status") == "False",
         "disruption": disruption,
         "name": meta.get("name", ""),
         "index": _int(labels.get(names.LABEL_REPLICA_INDEX)),
