@@ -71,6 +71,14 @@ def t(expr: str, legend: str = "") -> Target:
     return Target(expr, legend)
 
 
+def quantiles(histogram: str, window: str, qs: tuple[float, ...]) -> tuple[Target, ...]:
+    """One target per quantile of a histogram over all its series, legends p50, p95, ..."""
+    return tuple(
+        t(f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket[{window}])))", f"p{round(q * 100)}")
+        for q in qs
+    )
+
+
 NAMESPACES = query_variable("namespace", "label_values(finetune_job_phase, namespace)", "Namespace", True)
 ONE_NAMESPACE = query_variable("namespace", "label_values(finetune_job_phase, namespace)", "Namespace", False)
 ONE_JOB = query_variable(
@@ -100,13 +108,7 @@ OPERATOR_HEALTH = Dashboard(
         ),
         Panel(
             "Reconcile latency",
-            tuple(
-                t(
-                    f"histogram_quantile({q}, sum by (le) (rate(finetune_reconcile_duration_seconds_bucket[5m])))",
-                    f"p{round(q * 100)}",
-                )
-                for q in (0.5, 0.95, 0.99)
-            ),
+            quantiles("finetune_reconcile_duration_seconds", "5m", (0.5, 0.95, 0.99)),
             unit="s",
         ),
         Panel(
@@ -162,13 +164,7 @@ JOBS_OVERVIEW = Dashboard(
         ),
         Panel(
             "Queue time (p50, p95)",
-            tuple(
-                t(
-                    f"histogram_quantile({q}, sum by (le) (rate(finetune_job_queue_seconds_bucket[1h])))",
-                    f"p{round(q * 100)}",
-                )
-                for q in (0.5, 0.95)
-            ),
+            quantiles("finetune_job_queue_seconds", "1h", (0.5, 0.95)),
             unit="s",
             description="From workers created (or gated by a queue) until every one was placed.",
         ),
