@@ -33,18 +33,20 @@ class LoraMethod:
         return None
 
     def quantization(self, config: TrainerConfig) -> BitsAndBytesConfig | None:
-        """NF4/FP4 with double quantisation; storage in the compute dtype lets ZeRO-3 partition the
-        packed weights like any other tensor of that dtype (HF's documented QLoRA + ZeRO-3 setting)."""
+        """NF4/FP4 with double quantisation. The packed 4-bit weights are stored in the training precision,
+        the dtype of every other tensor of the model: DeepSpeed casts the whole module to it (ZeRO-3
+        partitions it as such), and a packed tensor cast to another dtype is garbage ("shape '[64, 32]' is
+        invalid for input of size 1024" when bf16 training stored them as fp32). The compute dtype is
+        only what the 4-bit matmuls dequantise to, and may differ (HF's QLoRA + DeepSpeed rule)."""
         if not self.traits.quantized:
             return None
         settings = config.method.qlora_settings()
-        compute = torch_dtype(settings.compute_dtype)
         return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_quant_type=settings.quant_type.value,
             bnb_4bit_use_double_quant=settings.double_quant,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute,
+            bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
+            bnb_4bit_quant_storage=torch_dtype(config.training.precision),
         )
 
     def apply(self, model: PreTrainedModel, config: TrainerConfig) -> torch.nn.Module:
