@@ -7,7 +7,8 @@ more on 2 cores for no new code path):
     stage 2: lora (Llama, also kill/resume, SIGTERM and ftctl train), qlora (Llama), prefix (BERT classifier)
     stage 3: freeze (Llama), qlora (Llama), dora (Llama), lora (Llama, saved adapter vs in-memory logits)
 
-QLoRA runs with gradient checkpointing, as it is used in practice.
+QLoRA runs with gradient checkpointing, as it is used in practice, and with a compute dtype other than the
+training precision (bf16 training with fp32 compute under ZeRO-2, the reverse under ZeRO-3).
 
 prefix and prompt under ZeRO-3 are refused (see methods/prompt.py); that refusal is tested too.
 """
@@ -109,8 +110,11 @@ def test_llama_method_trains_and_checkpoints(
     spec: dict[str, Any] = {"type": method}
     training: dict[str, Any] = {"learningRate": LLAMA_STEP_LR[method]}
     if method == "qlora":
-        spec["qlora"] = {"computeDtype": "fp32"}
-        training["gradientCheckpointing"] = True  # how QLoRA is run in practice
+        # compute dtype and precision differ both ways (the packed weights once took the compute dtype,
+        # and DeepSpeed's cast to the precision broke them); with checkpointing, as QLoRA runs in practice
+        training["precision"], compute = ("bf16", "fp32") if stage == 2 else ("fp32", "bf16")
+        spec["qlora"] = {"computeDtype": compute}
+        training["gradientCheckpointing"] = True
     if method == "freeze":
         spec["freeze"] = {"trainableLayers": 1}
     summary = train_ok(
@@ -377,3 +381,10 @@ def test_ftctl_train_runs_a_finetunejob_locally(
     err = capfd.readouterr().err
     assert "was saved by a different configuration" in err and "size mismatch" in err, err[-3000:]
     assert "Traceback" not in err  # the one line says it all
+    # another precision: DeepSpeed looks for optimizer shards of that precision, which are not there
+    job["spec"]["method"] = {"type": "lora"}
+    job["spec"]["training"]["precision"] = "bf16"
+    job_file.write_text(yaml.safe_dump(job))
+    assert main(again) == ExitCode.CONFIG_ERROR
+    err = capfd.readouterr().err
+    assert "was saved by a different configuration" in err and "bf16_zero_pp_rank_0" in err, err[-3000:]

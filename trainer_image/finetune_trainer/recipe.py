@@ -427,8 +427,11 @@ def train(session: Session) -> bool:
         session.stats.last_checkpoint = resume
     try:
         session.trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
-    except RuntimeError as exc:
-        if resume is None or not any(sign in str(exc) for sign in MISMATCH_SIGNS):
+    except (RuntimeError, FileNotFoundError) as exc:
+        # A checkpoint without the files this configuration reads (DeepSpeed names its optimizer shards
+        # by precision and ZeRO stage) was written by another one, as is one whose tensors do not fit.
+        missing = isinstance(exc, FileNotFoundError) and resume is not None and str(resume.path) in str(exc)
+        if resume is None or not (missing or any(sign in str(exc) for sign in MISMATCH_SIGNS)):
             raise
         first = str(exc).strip().splitlines()[-1][:300]
         raise ConfigurationError(
