@@ -25,7 +25,7 @@ from finetune_operator.adapters.kube import JobApi
 from finetune_operator.api.models import FineTuneJobStatus
 from finetune_operator.core.desire import SpecProblem, desire, parse_job
 from finetune_operator.core.gang import JobRef
-from finetune_operator.core.lifecycle import Actions, reconcile, rejected
+from finetune_operator.core.lifecycle import Actions, Event, reconcile, rejected
 from finetune_operator.core.status import NodeView, nodes_to_check, parse_time, read_worker
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import refiner_for
@@ -105,13 +105,14 @@ class Controller:
         waker = self._wakers.setdefault(key, asyncio.Event())
         timing = self.settings.timing
         errors = 0
+        reported: str | None = None  # the last error posted as an event, so each is posted once
         try:
             while True:
                 delay: float | None
                 try:
                     with self.metrics.reconcile_seconds.time():
                         alive, delay = await self.tick(namespace, name, logger)
-                    errors = 0
+                    errors, reported = 0, None
                     if not alive:
                         return
                 except kopf.TemporaryError as exc:
@@ -121,6 +122,9 @@ class Controller:
                         timing.error_backoff_seconds * 2 ** (errors - 1), timing.error_backoff_max_seconds
                     )
                     logger.warning("reconcile failed, retrying in %.1fs: %s", delay, exc)
+                    if errors >= timing.report_errors_after and str(exc) != reported:
+                        reported = str(exc)
+                        await self._report(namespace, name, f"{exc} ({errors} tries; retrying with backoff)")
                     await asyncio.sleep(
                         delay
                     )  # backing off: an event arriving meanwhile does not cut it short
@@ -178,6 +182,16 @@ class Controller:
             deadline_seconds=((body.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds"),
         )
         return not actions.delete_job, actions.requeue_after
+
+    async def _report(self, namespace: str, name: str, message: str) -> None:
+        """A Warning event on the job for an API error that persists (a ResourceQuota, missing RBAC):
+        `kubectl describe ftj` and `ftctl status` show it. Best effort: the API may be what is failing."""
+        try:
+            body = await asyncio.to_thread(self.api.read_job, namespace, name)
+        except (kopf.TemporaryError, kopf.PermanentError):
+            return
+        if body is not None:
+            events.post(body, Event("Warning", "RetryingApiError", message))
 
     async def _sleep(self, waker: asyncio.Event, delay: float | None) -> None:
         """Until woken, due, or the resync interval; then a short debounce to batch bursts of events."""

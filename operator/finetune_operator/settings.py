@@ -35,6 +35,9 @@ class TimingSettings:
     error_backoff_seconds: float = 1.0
     #: The cap on that wait: long enough not to hammer a struggling API server, short enough to recover.
     error_backoff_max_seconds: float = 60.0
+    #: After this many failed passes in a row, the error is also a Warning event on the job (once per
+    #: distinct message): a quota or RBAC refusal that persists is the user's to see, not only the log's.
+    report_errors_after: int = 3
     #: Seconds a running job's step may stay put before it is marked Stalled (a job's
     #: runPolicy.progressDeadlineSeconds overrides it): half an hour covers loading a large model.
     stalled_after_seconds: float = 1800.0

@@ -29,6 +29,8 @@ from kubernetes.client import (
     V1Eviction,
     V1Namespace,
     V1ObjectMeta,
+    V1ResourceQuota,
+    V1ResourceQuotaSpec,
     V1ServiceAccount,
 )
 from kubernetes.client.exceptions import ApiException
@@ -1116,3 +1118,32 @@ def test_a_node_that_stops_reporting_restarts_the_gang_on_the_others(
             return bool(ready) and ready[0].status == "True" and not tainted
 
         eventually(ready_again, f"node {lost} Ready and untainted again", operator.tail)
+
+
+def test_a_quota_that_keeps_refusing_a_worker_is_an_event_then_clears(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """A ResourceQuota that admits one pod: the second worker is refused (403, exceeded quota) on every
+    try. That may clear by itself, so it is retried with backoff, and after three tries it is a Warning
+    event on the job rather than only a log line; once the quota goes, the gang is created."""
+    ns, name = operator.namespace, "over-quota"
+    quota = V1ResourceQuota(
+        metadata=V1ObjectMeta(name="one-pod"), spec=V1ResourceQuotaSpec(hard={"pods": "1"})
+    )
+    core.create_namespaced_resource_quota(ns, quota)
+    eventually(
+        lambda: (core.read_namespaced_resource_quota("one-pod", ns).status.hard or {}).get("pods") == "1",
+        "the quota in force",
+    )
+    create(api, ns, two_nodes(name))
+
+    def refusals() -> list[str]:
+        events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        return [e.message for e in events if e.reason == "RetryingApiError"]
+
+    eventually(lambda: bool(refusals()), "a RetryingApiError event", operator.tail)
+    (message,) = refusals()  # once per distinct error, not once per try
+    assert "exceeded quota" in message and f"{name}-worker-1" in message and "tries" in message, message
+    core.delete_namespaced_resource_quota("one-pod", ns)
+    wait_pods(core, ns, name, all_running(2), "both workers once the quota is gone")
+    wait_job(api, operator, name, phase_is("Running"), "Running")
