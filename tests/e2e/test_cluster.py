@@ -87,6 +87,8 @@ def test_nodes_are_ready_gpu_nodes_from_the_nodes_file(cluster: Cluster) -> None
         assert labels["nvidia.com/gpu.count"] == gpus
         ready = {c.type: c.status for c in node.status.conditions}
         assert ready["Ready"] == "True"
+        # schedulable, not only Ready: cluster-up waits for the node controller to lift its taint
+        assert not [t.key for t in node.spec.taints or [] if t.key.startswith("node.kubernetes.io/")]
 
 
 def test_kubectl_get_nodes_shows_the_gpu_nodes(cluster: Cluster) -> None:

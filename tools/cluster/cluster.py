@@ -254,6 +254,26 @@ def up(
         down(name, kubeconfig)
         raise ClusterError(f"kwokctl could not start cluster {name}: {err}{tails}") from err
 
+    try:
+        populate(name, kubeconfig, nodes, nodes_file, crds_dir, net, real_nodes, real_gpus)
+    except (ClusterError, realnode.NodeError, subprocess.TimeoutExpired) as err:
+        down(name, kubeconfig)  # never a half-made cluster left running
+        raise ClusterError(f"cluster {name} did not come up: {err}") from err
+    log(f"cluster {name} ready in {time.monotonic() - start:.1f}s with {len(nodes)} nodes")
+    print(f"export KUBECONFIG={kubeconfig}")
+
+
+def populate(
+    name: str,
+    kubeconfig: Path,
+    nodes: list[dict[str, Any]],
+    nodes_file: Path,
+    crds_dir: Path,
+    net: realnode.Network | None,
+    real_nodes: int,
+    real_gpus: int,
+) -> None:
+    """The nodes, CRDs and real nodes of a started control plane; returns once every node is schedulable."""
     log(f"creating {len(nodes)} fake nodes from {nodes_file}")
     kubectl(
         kubeconfig, "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes})
@@ -277,10 +297,9 @@ def up(
                 images_dir=NODE_IMAGES,
             )
         except realnode.NodeError as err:
-            down(name, kubeconfig)
             raise ClusterError(str(err)) from err
         log(f"real nodes {', '.join(names)} joined ({real_gpus} fake GPUs each, {realnode.GPU_PRODUCT})")
-    kubectl(kubeconfig, "wait", "--for=condition=Ready", "node", "--all", "--timeout=120s")
+    wait_schedulable(kubeconfig, len(nodes) + real_nodes)
     # Pods can only be created once the service-account controller made the default account.
     deadline = time.monotonic() + 60
     while True:
@@ -291,8 +310,35 @@ def up(
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-    log(f"cluster {name} ready in {time.monotonic() - start:.1f}s with {len(nodes)} nodes")
-    print(f"export KUBECONFIG={kubeconfig}")
+
+
+#: Taints the node lifecycle controller keeps on a node until it has seen it Ready: the scheduler places
+#: nothing there yet, so "Ready" alone is not "ready for pods".
+NOT_YET_SCHEDULABLE = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def wait_schedulable(kubeconfig: Path, count: int) -> None:
+    """Until `count` nodes are Ready and none carries a not-ready or unreachable taint; the time allowed
+    grows with the node count (the controller untaints a few hundred nodes a second here)."""
+    timeout = 120 + count / 10
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = json.loads(kubectl(kubeconfig, "get", "nodes", "-o", "json", timeout=120))["items"]
+        waiting = [n["metadata"]["name"] for n in listed if not schedulable(n)]
+        if len(listed) >= count and not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"{len(waiting)} of {len(listed)} nodes not schedulable after {timeout:.0f}s "
+                f"(e.g. {', '.join(waiting[:5])})"
+            )
+        time.sleep(1)
+
+
+def schedulable(node: dict[str, Any]) -> bool:
+    ready = [c for c in node.get("status", {}).get("conditions", []) if c.get("type") == "Ready"]
+    taints = {t.get("key") for t in node.get("spec", {}).get("taints", [])}
+    return bool(ready) and ready[0].get("status") == "True" and not taints & set(NOT_YET_SCHEDULABLE)
 
 
 def down(name: str, kubeconfig: Path) -> None:
