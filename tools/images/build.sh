@@ -123,9 +123,10 @@ for name in "${images[@]}"; do
     base) build base "$(inputs_hash "$suite" "$mirror" "$(sha256sum < "$host_ca")")" build_base ;;
     python) build python "$(inputs_hash "$(image_id "${ref[base]}")")" build_python ;;
     pause) build pause "$(inputs_hash "$k8s_mod")" build_pause ;;
-    trainer) build trainer "$(inputs_hash Dockerfile.trainer .dockerignore pyproject.toml README.md operator \
-        trainer_image/finetune_trainer "$(image_id "${ref[base]}")")" build_dockerfile trainer Dockerfile.trainer base ;;
-    operator) build operator "$(inputs_hash Dockerfile.operator .dockerignore pyproject.toml README.md operator \
+    trainer) build trainer "$(inputs_hash Dockerfile.trainer .dockerignore pyproject.toml operator/finetune_operator/__init__.py \
+        operator/finetune_operator/py.typed operator/finetune_operator/api trainer_image/finetune_trainer \
+        "$(image_id "${ref[base]}")")" build_dockerfile trainer Dockerfile.trainer base ;;
+    operator) build operator "$(inputs_hash Dockerfile.operator .dockerignore pyproject.toml operator \
         "$(image_id "${ref[python]}")")" build_dockerfile operator Dockerfile.operator python ;;
     *) echo "unknown image $name (base python pause trainer operator)" >&2; exit 2 ;;
   esac
