@@ -305,7 +305,9 @@ def test_a_killed_worker_restarts_the_gang_from_the_newest_checkpoint(team_b: Jo
 
 def test_suspend_saves_a_checkpoint_on_sigterm_and_resume_continues_from_it(team_a: Jobs) -> None:
     """saveSteps is past the end: the only checkpoint is the one SIGTERM made when the job was suspended."""
-    team_a.apply(job_manifest("paused", training={"maxSteps": 80}, checkpointing={"saveSteps": 1000}))
+    # long enough that the suspension lands mid-run: the trainer does several steps a second here
+    steps = 400
+    team_a.apply(job_manifest("paused", training={"maxSteps": steps}, checkpointing={"saveSteps": 10_000}))
     team_a.wait("paused", "training", lambda j: phase(j) == "Running" and step(j) >= 20)
     team_a.patch("paused", {"runPolicy": {"suspend": True}})
     team_a.wait("paused", "Suspended", lambda j: phase(j) == "Suspended", timeout=180)
@@ -319,14 +321,14 @@ def test_suspend_saves_a_checkpoint_on_sigterm_and_resume_continues_from_it(team
     saved = sorted(
         int(p.name.split("-")[-1]) for p in (team_a.output("paused") / "checkpoints").glob("checkpoint-*")
     )
-    assert saved and saved[-1] >= 20, saved
+    assert saved and 20 <= saved[-1] < steps, saved
 
     team_a.patch("paused", {"runPolicy": {"suspend": False}})
     done = team_a.wait("paused", "finished", lambda j: phase(j) in ("Succeeded", "Failed"))
     assert phase(done) == "Succeeded", done["status"]
     result = summary(team_a, "paused")
     assert result["resumedFromStep"] == saved[-1], result
-    assert result["stepsThisAttempt"] == 80 - saved[-1], result
+    assert result["stepsThisAttempt"] == steps - saved[-1], result
 
 
 def test_a_configuration_error_fails_at_once_without_a_retry(team_b: Jobs) -> None:
