@@ -169,6 +169,14 @@ EXAMPLES: dict[tuple[str, str], RuleExample] = {
         reject=_both(_method(type="prefix"), _spec(training={"gradientCheckpointing": True})),
         accept=_both(_method(type="prompt"), _spec(training={"gradientCheckpointing": True})),
     ),
+    (
+        "spec",
+        "prefix or prompt tuning does not train on dataset.packing rows "
+        "(the virtual tokens would span every packed example)",
+    ): RuleExample(
+        reject=_both(_method(type="prompt"), _at("dataset", packing=True)),
+        accept=_both(_method(type="lora"), _at("dataset", packing=True)),
+    ),
     ("spec", "output.saveMerged only applies to lora, qlora or dora"): RuleExample(
         reject=_both(_method(type="full"), _at("output", saveMerged=True)),
         accept=_both(_method(type="dora"), _at("output", saveMerged=True)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune_operator.api.models import DatasetSpec
-from finetune_trainer.data import DataBundle, DataError, PaddingCollator, build_datasets
+from finetune_trainer.data import DataBundle, DataError, FlatteningCollator, PaddingCollator, build_datasets
 from finetune_trainer.data.formats import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, Example
-from finetune_trainer.data.packing import pack, split_indices
+from finetune_trainer.data.packing import pack, position_ids, split_indices
 
 SENTENCES = [f"Sentence number {n}: the cat sleeps in the warm sun." for n in range(40)]
 
@@ -30,6 +31,12 @@ def build(
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return build_datasets(DatasetSpec(uri=str(path), **spec), tokenizer, seed=seed)
+
+
+def pieces_of(row: list[int], positions: list[int]) -> list[list[int]]:
+    """A packed row cut where its position ids restart: one piece per example."""
+    starts = [p for p, position in enumerate(positions) if position == 0] + [len(row)]
+    return [row[a:b] for a, b in itertools.pairwise(starts)]
 
 
 def test_truncation_keeps_the_beginning(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
@@ -64,45 +71,88 @@ def test_all_records_dropped_is_an_error(tmp_path: Path, tiny_tokenizer: PreTrai
         build(tmp_path, [long], tiny_tokenizer, format="alpaca", max_seq_length=16)
 
 
-def test_pack_cuts_blocks_and_keeps_labels_aligned() -> None:
+def test_pack_keeps_whole_examples_and_fills_blocks() -> None:
+    sizes = [5, 3, 2, 4, 1, 6, 3]
     examples = [
-        Example(input_ids=[1, 2, 3], labels=[-100, 2, 3]),
-        Example(input_ids=[4, 5, 6, 7, 8], labels=[-100, -100, 6, 7, 8]),
-        Example(input_ids=[9, 10], labels=[9, 10]),
+        Example(input_ids=[100 * n + i for i in range(size)], labels=[-100, *range(1, size)])
+        for n, size in enumerate(sizes)
     ]
-    blocks = pack(examples, 4)
-    assert [b.input_ids for b in blocks] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
-    assert [b.labels for b in blocks] == [[-100, 2, 3, -100], [-100, 6, 7, 8], [9, 10]]
+    blocks = pack(examples, 8)
+    assert len(blocks) == 3  # 24 tokens, three full 8-token blocks: best-fit decreasing wastes none
+    placed = []
+    for block in blocks:
+        assert len(block.input_ids) <= 8 and sum(block.segments) == len(block.input_ids)
+        start = 0
+        for length in block.segments:  # each segment is one example, whole, labels aligned with it
+            ids = block.input_ids[start : start + length]
+            n = ids[0] // 100
+            assert examples[n].input_ids == ids and examples[n].labels == block.labels[start : start + length]
+            placed.append(n)
+            start += length
+    assert sorted(placed) == list(range(len(sizes)))
+    assert pack(examples, 8) == blocks  # the same on every worker
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(examples, 5)
+
+
+def test_position_ids_restart_per_example() -> None:
+    assert position_ids((3, 1, 2)) == [0, 1, 2, 0, 0, 1]
 
 
 def test_packing_text_keeps_every_token(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    records = [{"text": s} for s in SENTENCES[:10]]
-    bundle = build(tmp_path, records, tiny_tokenizer, format="text", packing=True, max_seq_length=32)
-    stream = [
-        t for s in SENTENCES[:10] for t in [*tiny_tokenizer(s)["input_ids"], tiny_tokenizer.eos_token_id]
-    ]
-    lengths = [len(ids) for ids in bundle.train["input_ids"]]
-    assert all(length == 32 for length in lengths[:-1]) and 0 < lengths[-1] <= 32
-    assert [t for block in bundle.train["input_ids"] for t in block] == stream
+    long = " ".join(SENTENCES[:6])  # longer than a block: cut into block-sized documents, nothing lost
+    texts = [*SENTENCES[:10], long]
+    bundle = build(
+        tmp_path, [{"text": t} for t in texts], tiny_tokenizer, format="text", packing=True, max_seq_length=32
+    )
+    documents = [[*tiny_tokenizer(t)["input_ids"], tiny_tokenizer.eos_token_id] for t in texts]
+    assert len(documents[-1]) > 32
+    tokens = sorted(t for document in documents for t in document)
+    assert sorted(t for block in bundle.train["input_ids"] for t in block) == tokens
+    assert all(len(block) <= 32 for block in bundle.train["input_ids"])
     assert bundle.train["labels"] == bundle.train["input_ids"]
-    assert bundle.num_tokens == len(stream)
+    assert bundle.num_tokens == len(tokens)
+    starts = [
+        piece[0]
+        for block, positions in zip(bundle.train["input_ids"], bundle.train["position_ids"], strict=True)
+        for piece in pieces_of(block, positions)
+    ]
+    assert sorted(starts) == sorted(d[i] for d in documents for i in range(0, len(d), 32))
 
 
-def test_packing_instruction_data_carries_the_masks(
+def test_packing_instruction_data_never_splits_an_example(
     tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    records = [{"instruction": f"Repeat {n}.", "output": f"{n}"} for n in range(6)]
-    plain = build(tmp_path, records, tiny_tokenizer, format="alpaca", max_seq_length=128)
-    packed = build(tmp_path, records, tiny_tokenizer, format="alpaca", packing=True, max_seq_length=128)
-    assert max(len(row) for row in plain.train["input_ids"]) < 128  # nothing truncated: packing only moves
-    assert [t for row in packed.train["input_ids"] for t in row] == [
-        t for row in plain.train["input_ids"] for t in row
+    records = [
+        {"instruction": f"Repeat {'after me ' * (n % 4)}{n}.", "output": f"{n} " * n} for n in range(12)
     ]
-    assert [t for row in packed.train["labels"] for t in row] == [
-        t for row in plain.train["labels"] for t in row
-    ]
+    plain = build(tmp_path, records, tiny_tokenizer, format="alpaca", max_seq_length=400)
+    packed = build(tmp_path, records, tiny_tokenizer, format="alpaca", packing=True, max_seq_length=400)
+    assert max(len(row) for row in plain.train["input_ids"]) < 400  # nothing truncated: packing only moves
+    examples = sorted(zip(plain.train["input_ids"], plain.train["labels"], strict=True))
+    pieces = []
+    for ids, labels, positions in zip(
+        packed.train["input_ids"], packed.train["labels"], packed.train["position_ids"], strict=True
+    ):
+        pieces += zip(pieces_of(ids, positions), pieces_of(labels, positions), strict=True)
+    assert sorted(pieces) == examples  # every example whole, in one block, with its own masks
     assert len(packed.train) < len(plain.train)
-    assert all(len(row) == 128 for row in packed.train["input_ids"][:-1])
+    assert "attention_mask" not in packed.train.column_names
+    assert isinstance(packed.collator, FlatteningCollator)
+
+
+def test_flattening_collator_makes_one_row_with_position_ids() -> None:
+    batch = FlatteningCollator()(
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1]},
+            {"input_ids": [3, 4], "labels": [-100, 4]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    # an example's first token is never the target of the previous example's last one
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 4]]
+    assert "attention_mask" not in batch
 
 
 def test_validation_split_is_seeded_disjoint_and_complete(

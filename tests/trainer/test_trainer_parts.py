@@ -1,7 +1,9 @@
-"""The trainer's parts in one process: checkpoints, progress, metrics, methods, QLoRA quantisation, launcher."""
+"""The trainer's parts in one process: checkpoints, progress, metrics, methods, QLoRA quantisation, packed
+attention, launcher."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import urllib.request
@@ -13,8 +15,10 @@ import torch
 
 from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, AttentionImpl, Method, Offload, Optimizer
 from finetune_operator.api.methods import NO_ZERO3_METHODS
+from finetune_operator.api.models import DatasetSpec
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport, TrainerConfig
 from finetune_trainer import checkpoints, methods
+from finetune_trainer.data import DataBundle, build_datasets
 from finetune_trainer.deepspeed import render_deepspeed_config
 from finetune_trainer.exit_codes import ConfigurationError
 from finetune_trainer.methods import REGISTRY
@@ -167,6 +171,43 @@ def build(config: TrainerConfig) -> torch.nn.Module:
     device_map = {"": "cpu"} if quantization is not None else None
     base = load_model(config, tokenizer, quantization=quantization, device_map=device_map)
     return method.apply(base, config)
+
+
+@pytest.mark.parametrize("attention", [AttentionImpl.SDPA, AttentionImpl.EAGER])
+def test_packed_examples_do_not_attend_to_each_other(
+    tmp_path: Path, tiny_llama_dir: Path, attention: AttentionImpl
+) -> None:
+    """Through the model as the trainer loads it, a packed row's logits and loss are those of each example
+    alone: attention and positions restart at every example (in the old packing, and with the KV cache
+    left on, the later examples attended to the earlier ones)."""
+    config = config_for(tiny_llama_dir, {"type": "full"})
+    config.model.attention_implementation = attention
+    tokenizer = load_tokenizer(config)
+    model = load_model(config, tokenizer).eval()
+    texts = ["The cat sleeps in the sun.", "A dog runs after the red ball.", "Rain falls on the old roof."]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+
+    def bundle(**spec: Any) -> DataBundle:
+        return build_datasets(
+            DatasetSpec(uri=str(data), format="text", max_seq_length=128, **spec), tokenizer
+        )
+
+    packed, plain = bundle(packing=True), bundle()
+    assert len(packed.train) == 1
+    row = packed.train[0]
+    starts = [p for p, position in enumerate(row["position_ids"]) if position == 0]
+    assert len(starts) == len(texts)
+    with torch.no_grad():
+        together = model(**packed.collator([row]))
+        weighted, targets = torch.tensor(0.0), 0
+        for example in plain.train:
+            alone = model(**plain.collator([example]))
+            length = len(example["input_ids"])
+            start = next(s for s in starts if row["input_ids"][s : s + length] == example["input_ids"])
+            torch.testing.assert_close(together.logits[0, start : start + length], alone.logits[0])
+            weighted, targets = weighted + alone.loss * (length - 1), targets + length - 1
+    torch.testing.assert_close(together.loss, weighted / targets)
 
 
 def test_a_model_path_missing_on_the_volume_is_a_configuration_error(tmp_path: Path) -> None:

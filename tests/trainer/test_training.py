@@ -117,13 +117,24 @@ def test_llama_method_trains_and_checkpoints(
         training["gradientCheckpointing"] = True
     if method == "freeze":
         spec["freeze"] = {"trainableLayers": 1}
+    # packed rows (whole examples, position ids, one flattened row per micro batch) for the methods
+    # that take them
+    packing = method in ("full", "lora", "dora")
     summary = train_ok(
-        tmp_path, model_dir=tiny_llama_dir, data=text_data, method=spec, zero_stage=stage, training=training
+        tmp_path,
+        model_dir=tiny_llama_dir,
+        data=text_data,
+        method=spec,
+        zero_stage=stage,
+        training=training,
+        dataset={"packing": packing},
     )
     out = tmp_path / "out"
     assert (out / "tokenizer_config.json").is_file()
     if method in ("full", "freeze"):
         assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+        # the KV cache is off while training (packed rows need that) and on again in the saved model
+        assert json.loads((out / "config.json").read_text())["use_cache"] is True
         if method == "full":
             assert summary["trainableParams"] == summary["totalParams"]
         else:  # one of two layers, no embeddings or head: well under half

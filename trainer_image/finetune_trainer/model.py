@@ -99,6 +99,9 @@ def load_model(
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        # Training never reads a KV cache, and with one transformers stops telling packed examples apart
+        # by their position ids: they would attend to each other. `save` turns it back on for inference.
+        model.config.use_cache = False
     if model.config.pad_token_id is None:
         # Sequence classifiers find the last real token through pad_token_id; causal LMs ignore it.
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -449,6 +449,10 @@ def save(session: Session) -> dict[str, Any]:
     and training_summary.json; returns the summary."""
     config, trainer = session.config, session.trainer
     output = Path(config.paths.output)
+    if not config.is_classification:
+        model_config = getattr(session.model, "config", None)
+        if model_config is not None:  # off for training (load_model); the saved model generates
+            model_config.use_cache = True
     trainer.save_model(str(output))  # gathers ZeRO-3 partitions; PEFT models save only the adapter
     if session.args.should_save:
         session.tokenizer.save_pretrained(str(output))

@@ -29,6 +29,8 @@ class MethodTraits:
     - `zero3`: DeepSpeed ZeRO-3 can partition it (virtual-token parameters hang the ranks under ZeRO-3).
     - `gradient_checkpointing`: it trains with checkpointing on (the HF Trainer enables it after PEFT
       wrapping, which drops prefix tuning's `past_key_values`: the shapes stop matching).
+    - `packing`: several examples can share a row (`dataset.packing`); virtual tokens are prepended to
+      the whole row and PEFT drops the position ids that keep packed examples apart.
     - `mergeable`: its trained weights merge into the base model on save (`output.saveMerged`).
     - `cheaper`: the method the planner suggests when this one does not fit, if any.
     """
@@ -40,6 +42,7 @@ class MethodTraits:
     dora: bool = False
     zero3: bool = True
     gradient_checkpointing: bool = True
+    packing: bool = True
     mergeable: bool = False
     cheaper: Method | None = None
 
@@ -58,9 +61,16 @@ METHODS: Mapping[Method, MethodTraits] = MappingProxyType(
             family="lora", settings=("lora",), peft=True, dora=True, mergeable=True, cheaper=Method.QLORA
         ),
         Method.PREFIX: MethodTraits(
-            family="prefix", settings=("prefix",), peft=True, zero3=False, gradient_checkpointing=False
+            family="prefix",
+            settings=("prefix",),
+            peft=True,
+            zero3=False,
+            gradient_checkpointing=False,
+            packing=False,
         ),
-        Method.PROMPT: MethodTraits(family="prompt", settings=("prompt",), peft=True, zero3=False),
+        Method.PROMPT: MethodTraits(
+            family="prompt", settings=("prompt",), peft=True, zero3=False, packing=False
+        ),
     }
 )
 
@@ -84,6 +94,8 @@ def build_registry(families: Mapping[str, Callable[[MethodTraits], T]]) -> Mappi
 NO_ZERO3_METHODS = frozenset(m for m, t in METHODS.items() if not t.zero3)
 #: Methods that cannot train with gradient checkpointing.
 NO_CHECKPOINTING_METHODS = frozenset(m for m, t in METHODS.items() if not t.gradient_checkpointing)
+#: Methods that cannot train on packed rows.
+NO_PACKING_METHODS = frozenset(m for m, t in METHODS.items() if not t.packing)
 #: Methods whose weights merge into the base on save.
 MERGEABLE_METHODS = frozenset(m for m, t in METHODS.items() if t.mergeable)
 #: Every settings block some method reads, in the table's order (the fields of `MethodSpec`).
@@ -133,6 +145,13 @@ CHECKPOINTING_RULE = Rule(
     "training.gradientCheckpointing (recomputation drops its virtual keys and values)",
     check=lambda s: s.method.type not in NO_CHECKPOINTING_METHODS or not s.training.gradient_checkpointing,
 )
+PACKING_RULE = Rule(
+    cel=f"!(self.method.type in {_cel_list(NO_PACKING_METHODS)}) || !has(self.dataset.packing) || "
+    "!self.dataset.packing",
+    message=f"{_spoken(NO_PACKING_METHODS)} tuning does not train on dataset.packing rows (the virtual "
+    "tokens would span every packed example)",
+    check=lambda s: s.method.type not in NO_PACKING_METHODS or not s.dataset.packing,
+)
 
 MERGE_RULE = Rule(
     cel="!has(self.output.saveMerged) || !self.output.saveMerged || "
@@ -147,6 +166,7 @@ SPEC_RULES: tuple[Rule, ...] = tuple(
     for methods, rule in (
         (NO_ZERO3_METHODS, ZERO3_RULE),
         (NO_CHECKPOINTING_METHODS, CHECKPOINTING_RULE),
+        (NO_PACKING_METHODS, PACKING_RULE),
         (MERGEABLE_METHODS, MERGE_RULE),
     )
     if methods

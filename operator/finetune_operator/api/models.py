@@ -161,7 +161,13 @@ class DatasetSpec(ApiModel):
     max_seq_length: int = Field(
         default=512, ge=8, le=1_048_576, description="Tokens per example after truncation (and packing)."
     )
-    packing: bool = Field(default=False, description="Concatenate short examples into maxSeqLength blocks.")
+    packing: bool = Field(
+        default=False,
+        description=(
+            "Fill maxSeqLength blocks with whole examples (best-fit; plain text is cut into block-sized "
+            "pieces first); position ids restart per example so packed examples never attend to each other."
+        ),
+    )
     validation_split: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Fraction of the data held out for evaluation (0 = none)."
     )

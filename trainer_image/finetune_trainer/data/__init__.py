@@ -4,12 +4,15 @@
 format, see `formats.FORMATS`) → truncate → drop examples with nothing left to train → split off the
 validation set → pack → Arrow data sets plus a padding collator. Every problem with the data raises
 `DataError` naming the file, record index and field; the trainer exits with its configuration-error code.
+
+Packed data keeps whole examples per block with position ids that restart per example, batched by
+`FlatteningCollator` so attention stays within each example; unpacked data is padded per batch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +20,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from finetune_trainer.data.collate import PaddingCollator
+from finetune_trainer.data.collate import FlatteningCollator, PaddingCollator
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import (
     FORMATS,
@@ -28,7 +31,14 @@ from finetune_trainer.data.formats import (
     build_label_index,
     label_key,
 )
-from finetune_trainer.data.packing import has_trained_token, pack, split_indices, truncate
+from finetune_trainer.data.packing import (
+    chunk,
+    has_trained_token,
+    pack,
+    position_ids,
+    split_indices,
+    truncate,
+)
 from finetune_trainer.data.sources import (
     HUB_SCHEME,
     PVC_SCHEME,
@@ -45,6 +55,7 @@ __all__ = [
     "FORMATS",
     "DataBundle",
     "DataError",
+    "FlatteningCollator",
     "PaddingCollator",
     "build_datasets",
     "resolve_local_path",
@@ -57,7 +68,8 @@ log = logging.getLogger(__name__)
 class DataBundle:
     """What the recipe trains on."""
 
-    #: Columns input_ids, attention_mask, labels (per-token with -100 = no loss; one int for classification).
+    #: Columns input_ids, labels (per-token with -100 = no loss; one int for classification), and
+    #: attention_mask, or position_ids when packed.
     train: datasets.Dataset
     #: The held-out `validationSplit` part, encoded and packed the same way; None when the split is 0.
     eval: datasets.Dataset | None
@@ -88,9 +100,7 @@ def build_datasets(
         raise DataError("dataset.packing: packing is only for the language-modelling formats")
     context, label_names = _context(spec, tokenizer, records, fmt)
 
-    examples, dropped = _encode_all(
-        records, fmt, context, truncate_each=not (spec.packing and not fmt.masks_prompt)
-    )
+    examples, dropped = _encode_all(records, fmt, context, chunk_text=spec.packing and not fmt.masks_prompt)
     if dropped:
         log.warning(
             "dropped %d of %d examples: nothing left to train after truncation to %d tokens",
@@ -115,10 +125,13 @@ def build_datasets(
     if not isinstance(pad, int):
         raise DataError("tokenizer: no pad or eos token to pad batches with")
     log.info("data: %d train and %d eval examples from %s", len(train), len(held_out), spec.uri)
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] = (
+        FlatteningCollator() if spec.packing else PaddingCollator(pad_token_id=pad)
+    )
     return DataBundle(
-        train=_to_dataset(train),
-        eval=_to_dataset(held_out) if held_out else None,
-        collator=PaddingCollator(pad_token_id=pad),
+        train=_to_dataset(train, packed=spec.packing),
+        eval=_to_dataset(held_out, packed=spec.packing) if held_out else None,
+        collator=collator,
         num_tokens=sum(len(e.input_ids) for e in train),
         label_names=label_names,
         dropped=dropped,
@@ -163,9 +176,10 @@ def _context(
 
 
 def _encode_all(
-    records: Records, fmt: Format, context: EncodeContext, *, truncate_each: bool
+    records: Records, fmt: Format, context: EncodeContext, *, chunk_text: bool
 ) -> tuple[list[Example], int]:
-    """Encode every record; truncate (unless plain text is about to be packed) and drop untrainable ones."""
+    """Encode every record; truncate it (or cut plain text about to be packed into block-sized pieces, so
+    no token is lost) and drop the ones left with nothing to train."""
     examples = []
     dropped = 0
     for index, record in enumerate(records):
@@ -173,8 +187,10 @@ def _encode_all(
             example = fmt.encode(record, context)
         except FieldError as err:
             raise DataError(f"{records.where(index)}: {err}") from err
-        if truncate_each:
-            example = truncate(example, context.max_seq_length)
+        if chunk_text:
+            examples.extend(chunk(example, context.max_seq_length))
+            continue
+        example = truncate(example, context.max_seq_length)
         if fmt.masks_prompt and not has_trained_token(example):
             dropped += 1
             continue
@@ -182,10 +198,13 @@ def _encode_all(
     return examples, dropped
 
 
-def _to_dataset(examples: Sequence[Example]) -> datasets.Dataset:
-    columns: Mapping[str, list[Any]] = {
+def _to_dataset(examples: Sequence[Example], *, packed: bool) -> datasets.Dataset:
+    columns: dict[str, list[Any]] = {
         "input_ids": [e.input_ids for e in examples],
-        "attention_mask": [[1] * len(e.input_ids) for e in examples],
         "labels": [e.labels if e.labels is not None else e.label for e in examples],
     }
-    return datasets.Dataset.from_dict(dict(columns))
+    if packed:
+        columns["position_ids"] = [position_ids(e.segments) for e in examples]
+    else:
+        columns["attention_mask"] = [[1] * len(e.input_ids) for e in examples]
+    return datasets.Dataset.from_dict(columns)

@@ -51,6 +51,8 @@ class Example:
     labels: list[int] | None = None
     #: Class index for classification; None otherwise.
     label: int | None = None
+    #: A packed block: the lengths of the whole examples in it, in order (see `packing.pack`); else ().
+    segments: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

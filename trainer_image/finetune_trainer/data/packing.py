@@ -1,7 +1,8 @@
-"""Truncation, packing and the validation split: pure list-of-ints work, no tokenizer and no torch."""
+"""Truncation, chunking, packing and the validation split: pure list-of-ints work, no tokenizer, no torch."""
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,30 +18,77 @@ def truncate(example: Example, max_length: int) -> Example:
     return replace(example, input_ids=example.input_ids[:max_length], labels=labels)
 
 
+def chunk(example: Example, max_length: int) -> list[Example]:
+    """Cut a plain-text example into pieces of at most `max_length` tokens, so packing keeps every token.
+
+    Only for formats where every token trains (`text`): a piece of a document is still a document, whereas
+    a piece of a conversation would be a response without its prompt.
+    """
+    if example.labels is None:
+        raise ValueError("chunking needs per-token labels (a language-modelling format)")
+    return [
+        Example(
+            input_ids=example.input_ids[start : start + max_length],
+            labels=example.labels[start : start + max_length],
+        )
+        for start in range(0, len(example.input_ids), max_length)
+    ]
+
+
 def has_trained_token(example: Example) -> bool:
     return example.labels is not None and any(label != IGNORE_INDEX for label in example.labels)
 
 
 def pack(examples: Sequence[Example], block_size: int) -> list[Example]:
-    """Concatenate examples (each already ends with eos / end-of-turn) and cut into `block_size` blocks.
+    """Put whole examples into blocks of at most `block_size` tokens (best-fit decreasing).
 
-    Every token is kept: an example may continue into the next block, and the last block may be shorter
-    (the collator pads it). Labels are cut at the same places, so they stay aligned with input_ids.
-    Attention is NOT reset at example boundaries and position ids run on across them (no per-example
-    position-id reset or block-diagonal mask): a token can attend to the end of the previous example in
-    its block, as in Hugging Face's `group_texts`. The eos between examples tells the model where one ends.
+    No example is split across blocks (each must already fit: truncated, or `chunk`ed for plain text), so
+    a response never starts a block whose prompt is in the previous one. A block remembers the lengths of
+    its examples (`Example.segments`): the data set turns them into position ids that restart at 0 for each
+    example, and `FlatteningCollator` passes those instead of an attention mask, so attention does not
+    cross examples (transformers builds a block-diagonal causal mask for eager and SDPA attention from such
+    position ids; flash-attention runs them as variable-length sequences), as transformers'
+    `DataCollatorWithFlattening`, LLaMA-Factory's neat packing and axolotl's multipack do.
+
+    Longest first, each into the fullest block it fits (ties to the oldest block), gives blocks that are
+    almost all full; the result depends only on the examples, so every worker packs alike.
     """
+    order = sorted(range(len(examples)), key=lambda index: (-len(examples[index].input_ids), index))
+    blocks: list[list[Example]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, block index), sorted: the best fit is a bisect away
+    for index in order:
+        example = examples[index]
+        size = len(example.input_ids)
+        if example.labels is None:
+            raise ValueError("packing needs per-token labels (a language-modelling format)")
+        if size > block_size:
+            raise ValueError(f"an example of {size} tokens does not fit a {block_size}-token block")
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            left, block = free.pop(at)
+        else:
+            left, block = block_size, len(blocks)
+            blocks.append([])
+        blocks[block].append(example)
+        if left > size:
+            bisect.insort(free, (left - size, block))
+    return [_join(block) for block in blocks]
+
+
+def _join(examples: Sequence[Example]) -> Example:
     ids: list[int] = []
     labels: list[int] = []
     for example in examples:
-        if example.labels is None:
-            raise ValueError("packing needs per-token labels (a language-modelling format)")
         ids.extend(example.input_ids)
-        labels.extend(example.labels)
-    return [
-        Example(input_ids=ids[start : start + block_size], labels=labels[start : start + block_size])
-        for start in range(0, len(ids), block_size)
-    ]
+        labels.extend(example.labels or ())
+    return Example(
+        input_ids=ids, labels=labels, segments=tuple(len(example.input_ids) for example in examples)
+    )
+
+
+def position_ids(segments: Sequence[int]) -> list[int]:
+    """0, 1, … restarting at each example of a packed block: how the model tells the examples apart."""
+    return [position for length in segments for position in range(length)]
 
 
 def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
