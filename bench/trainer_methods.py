@@ -28,6 +28,7 @@ import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
 
 from finetune_operator.api.enums import Method
+from finetune_operator.api.methods import METHODS
 from finetune_operator.cli import main as ftctl
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
 
@@ -107,7 +108,12 @@ def job_document(method: Method, model: Path, data: Path, args: argparse.Namespa
         "metadata": {"name": f"bench-{method.value}"},
         "spec": {
             "model": {"uri": f"file://{model}"},
-            "dataset": {"uri": str(data), "format": "text", "maxSeqLength": args.seq_len, "packing": True},
+            "dataset": {
+                "uri": str(data),
+                "format": "text",
+                "maxSeqLength": args.seq_len,
+                "packing": METHODS[method].packing,  # prefix and prompt tuning cannot pack
+            },
             "method": spec,
             "training": {
                 "maxSteps": args.steps,

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_trainer_benchmark_runs_a_method_and_writes_its_row(tmp_path: Path) -> None:
     result = tmp_path / "result.json"
-    args = ["--tiny", "--methods", "lora", "--steps", "4", "--seq-len", "64", "--micro-batch", "2"]
+    args = ["--tiny", "--methods", "lora", "prefix", "--steps", "4", "--seq-len", "64", "--micro-batch", "2"]
     run = subprocess.run(
         [sys.executable, "bench/trainer_methods.py", *args, "--workdir", str(tmp_path / "work"), "--write", str(result)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -32,8 +32,9 @@ def test_trainer_benchmark_runs_a_method_and_writes_its_row(tmp_path: Path) -> N
         [*args, "--workdir", str(tmp_path / "work"), "--write", str(result)]
     )
     assert written["model"] == "Qwen/Qwen2.5-0.5B (tiny shapes)"
-    (row,) = written["rows"]
+    row, prefix = written["rows"]
     assert (row["method"], row["exitCode"], row["zeroStage"]) == ("lora", 0, 0)
+    assert (prefix["method"], prefix["exitCode"]) == ("prefix", 0)  # trains unpacked: prefix cannot pack
     assert 0 < row["trainableParams"] < row["totalParams"] / 10
     assert row["tokensPerSecond"] > 0 and row["estimatedGiB"] > 0
     assert row["peakReservedGiB"] is None and row["estimateError"] is None  # CPU: nothing to compare
