@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
 
+from pydantic.alias_generators import to_camel
+
 from finetune_operator.api.base import Rule
 from finetune_operator.api.enums import Method
 
@@ -129,7 +131,19 @@ def _settings_rule(block: str) -> Rule:
 #: `MethodSpec`'s rules: each method reads only its own settings blocks.
 SETTINGS_RULES: tuple[Rule, ...] = tuple(_settings_rule(block) for block in SETTINGS_BLOCKS)
 
-#: `FineTuneJobSpec`'s rules on method × distributed and method × training, from the same table.
+
+def _switch_rule(methods: frozenset[Method], block: str, attr: str, refusal: str) -> Rule:
+    """`methods` refuse `<block>.<field>: true`, a switch the other methods may turn on."""
+    field = to_camel(attr)  # the API's alias generator: the name the user writes
+    return Rule(
+        cel=f"!(self.method.type in {_cel_list(methods)}) || !has(self.{block}) || "
+        f"!has(self.{block}.{field}) || !self.{block}.{field}",
+        message=f"{_spoken(methods)} tuning does not {refusal}",
+        check=lambda s: s.method.type not in methods or not getattr(getattr(s, block), attr),
+    )
+
+
+#: `FineTuneJobSpec`'s rules on method × distributed, × training and × dataset, from the same table.
 ZERO3_RULE = Rule(
     cel=f"!(self.method.type in {_cel_list(NO_ZERO3_METHODS)}) || !has(self.distributed) || "
     "!has(self.distributed.zeroStage) || type(self.distributed.zeroStage) == string || "
@@ -138,19 +152,17 @@ ZERO3_RULE = Rule(
     "distributed.zeroStage 3; use 0-2 or auto",
     check=lambda s: s.method.type not in NO_ZERO3_METHODS or s.distributed.zero_stage != 3,
 )
-CHECKPOINTING_RULE = Rule(
-    cel=f"!(self.method.type in {_cel_list(NO_CHECKPOINTING_METHODS)}) || !has(self.training) || "
-    "!has(self.training.gradientCheckpointing) || !self.training.gradientCheckpointing",
-    message=f"{_spoken(NO_CHECKPOINTING_METHODS)} tuning does not run with "
-    "training.gradientCheckpointing (recomputation drops its virtual keys and values)",
-    check=lambda s: s.method.type not in NO_CHECKPOINTING_METHODS or not s.training.gradient_checkpointing,
+CHECKPOINTING_RULE = _switch_rule(
+    NO_CHECKPOINTING_METHODS,
+    "training",
+    "gradient_checkpointing",
+    "run with training.gradientCheckpointing (recomputation drops its virtual keys and values)",
 )
-PACKING_RULE = Rule(
-    cel=f"!(self.method.type in {_cel_list(NO_PACKING_METHODS)}) || !has(self.dataset.packing) || "
-    "!self.dataset.packing",
-    message=f"{_spoken(NO_PACKING_METHODS)} tuning does not train on dataset.packing rows (the virtual "
-    "tokens would span every packed example)",
-    check=lambda s: s.method.type not in NO_PACKING_METHODS or not s.dataset.packing,
+PACKING_RULE = _switch_rule(
+    NO_PACKING_METHODS,
+    "dataset",
+    "packing",
+    "train on dataset.packing rows (the virtual tokens would span every packed example)",
 )
 
 MERGE_RULE = Rule(
