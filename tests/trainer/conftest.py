@@ -25,6 +25,14 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@pytest.fixture(scope="session")
+def base_tokenizer(tiny_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    """The tiny tokenizer without a chat template, as a base model's (alpaca uses the Stanford prompt)."""
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.chat_template = None
+    return tokenizer
+
+
 # --- tiny models and data for the training tests (tests/trainer/tiny_models.py) ---------------------------
 
 

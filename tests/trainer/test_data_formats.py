@@ -59,28 +59,48 @@ def test_registry_matches_the_api_formats() -> None:
 
 
 @pytest.mark.parametrize("given", ["Paris, France", ""])
-def test_alpaca_masks_the_prompt_and_trains_response_and_eos(
-    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase, given: str
+def test_alpaca_without_a_chat_template_uses_the_stanford_prompt(
+    tmp_path: Path, base_tokenizer: PreTrainedTokenizerBase, given: str
 ) -> None:
     record = {"instruction": "Name a city.", "input": given, "output": "Paris is a city."}
-    bundle = build(tmp_path, [record], tiny_tokenizer, format="alpaca")
+    bundle = build(tmp_path, [record], base_tokenizer, format="alpaca")
 
     template = ALPACA_PROMPT if given else ALPACA_PROMPT_NO_INPUT
     prompt = template.format(instruction="Name a city.", input=given)
     assert ("### Input:" in prompt) == bool(given)
-    prompt_ids = tiny_tokenizer(prompt)["input_ids"]
-    response_ids = ids(tiny_tokenizer, "Paris is a city.")
-    eos = tiny_tokenizer.eos_token_id
+    prompt_ids = base_tokenizer(prompt)["input_ids"]
+    response_ids = ids(base_tokenizer, "Paris is a city.")
+    eos = base_tokenizer.eos_token_id
     row = bundle.train[0]
     assert row["input_ids"] == prompt_ids + response_ids + [eos]
     assert row["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [eos]
     assert row["attention_mask"] == [1] * len(row["input_ids"])
 
 
-def test_alpaca_input_may_be_absent(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    bundle = build(tmp_path, [{"instruction": "Say hi.", "output": "Hi."}], tiny_tokenizer, format="alpaca")
+def test_alpaca_input_may_be_absent(tmp_path: Path, base_tokenizer: PreTrainedTokenizerBase) -> None:
+    bundle = build(tmp_path, [{"instruction": "Say hi.", "output": "Hi."}], base_tokenizer, format="alpaca")
     prompt = ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi.")
-    assert bundle.train[0]["input_ids"][: len(ids(tiny_tokenizer, prompt))] == ids(tiny_tokenizer, prompt)
+    assert bundle.train[0]["input_ids"][: len(ids(base_tokenizer, prompt))] == ids(base_tokenizer, prompt)
+
+
+@pytest.mark.parametrize(
+    ("given", "question"), [("Paris, France", "Name a city.\nParis, France"), ("", "Name a city.")]
+)
+def test_alpaca_goes_through_the_chat_template_when_the_tokenizer_has_one(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase, given: str, question: str
+) -> None:
+    """As an instruct model is prompted: one user turn (instruction, then input) and the trained reply."""
+    record = {"instruction": "Name a city.", "input": given, "output": "Paris is a city."}
+    row = build(tmp_path, [record], tiny_tokenizer, format="alpaca").train[0]
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "Paris is a city."},
+    ]
+    rendered = str(tiny_tokenizer.apply_chat_template(conversation, tokenize=False))
+    assert row["input_ids"] == ids(tiny_tokenizer, rendered)
+    assert "### Instruction" not in rendered
+    assert trained_spans(tiny_tokenizer, row) == ["Paris is a city.<|im_end|>"]
+    assert row == build(tmp_path, [{"messages": conversation}], tiny_tokenizer, format="chat").train[0]
 
 
 def test_alpaca_keeps_the_tokenizers_bos(tmp_path: Path) -> None:

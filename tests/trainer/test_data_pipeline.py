@@ -48,14 +48,14 @@ def test_truncation_keeps_the_beginning(tmp_path: Path, tiny_tokenizer: PreTrain
 
 
 def test_truncated_instruction_examples_without_trained_tokens_are_dropped_and_logged(
-    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, base_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture
 ) -> None:
     short = {"instruction": "Hi.", "output": "Hello."}
     long = {"instruction": " ".join(SENTENCES[:10]), "output": "Yes."}
-    prompt_length = len(tiny_tokenizer(ALPACA_PROMPT_NO_INPUT.format(instruction="Hi."))["input_ids"])
+    prompt_length = len(base_tokenizer(ALPACA_PROMPT_NO_INPUT.format(instruction="Hi."))["input_ids"])
     limit = prompt_length + 2  # the short example keeps two response tokens; the long one keeps none
     with caplog.at_level(logging.WARNING, logger="finetune_trainer.data"):
-        bundle = build(tmp_path, [short, long, short], tiny_tokenizer, format="alpaca", max_seq_length=limit)
+        bundle = build(tmp_path, [short, long, short], base_tokenizer, format="alpaca", max_seq_length=limit)
     assert len(bundle.train) == 2
     assert bundle.dropped == 1
     assert "dropped 1 of 3 examples" in caplog.text

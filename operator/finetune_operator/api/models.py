@@ -155,8 +155,9 @@ class DatasetSpec(ApiModel):
     uri: Uri
     format: Literal["alpaca", "sharegpt", "chat", "text", "classification"] = Field(
         default="alpaca",
-        description="alpaca: instruction/input/output; sharegpt or chat: a messages list through the chat "
-        "template; text: plain language modelling; classification: text/label with a classification head.",
+        description="alpaca: instruction/input/output (through the chat template when the tokenizer has "
+        "one, else the Stanford prompt); sharegpt or chat: a messages list through the chat template; text: "
+        "plain language modelling; classification: text/label with a classification head.",
     )
     max_seq_length: int = Field(
         default=512, ge=8, le=1_048_576, description="Tokens per example after truncation (and packing)."

@@ -5,8 +5,8 @@ the language-modelling formats, or `input_ids` and one class index for classific
 fields raise `FieldError`; the caller adds the file and record index.
 
 Special tokens: the language-modelling formats start with whatever the tokenizer puts in front of a text
-on its own (bos for Llama, nothing for GPT-2/Qwen) and end the trained part with eos; the chat formats
-take all special tokens from the chat template instead.
+on its own (bos for Llama, nothing for GPT-2/Qwen) and end the trained part with eos; the chat formats,
+and alpaca when the tokenizer has a chat template, take all special tokens from the template instead.
 """
 
 from __future__ import annotations
@@ -107,6 +107,10 @@ def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return with_special[:start]
 
 
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
 def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     eos = tokenizer.eos_token_id
     if not isinstance(eos, int):
@@ -118,10 +122,20 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_alpaca(record: Mapping[str, Any], ctx: EncodeContext) -> Example:
-    """instruction, input (optional), output: loss on the output and eos only."""
+    """instruction, input (optional), output: loss on the output and its end token only.
+
+    With a chat template (an instruct or chat model's tokenizer has one), the record becomes one user turn
+    (instruction, then input on the next line, as LLaMA-Factory joins them) and one assistant turn,
+    rendered and masked like the chat formats: the model learns in the format it will be prompted in.
+    Without one (base models), the Stanford Alpaca prompt and eos.
+    """
     instruction = _text(record, "instruction")
     given = _text(record, "input", optional=True)
     output = _text(record, "output")
+    if has_chat_template(ctx.tokenizer):
+        question = f"{instruction}\n{given}" if given.strip() else instruction
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": output}]
+        return encode_messages(messages, ctx, "instruction")
     template = ALPACA_PROMPT if given.strip() else ALPACA_PROMPT_NO_INPUT
     prompt = _leading_special_ids(ctx.tokenizer) + _encode(
         ctx.tokenizer, template.format(instruction=instruction, input=given)
@@ -192,7 +206,7 @@ def encode_messages(messages: Sequence[Mapping[str, str]], ctx: EncodeContext, k
     tokenizer = ctx.tokenizer
     if not tokenizer.is_fast:
         raise FieldError(key, "masking chat turns needs a fast tokenizer (offset mapping)")
-    if getattr(tokenizer, "chat_template", None) is None:
+    if not has_chat_template(tokenizer):
         raise FieldError(key, "the tokenizer has no chat template")
     full = _render(tokenizer, messages, generation=False, key=key)
     spans = []
