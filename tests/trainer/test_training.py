@@ -370,6 +370,7 @@ def test_ftctl_train_runs_a_finetunejob_locally(
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
     err = capfd.readouterr().err
+    assert "tokenised before" not in err and len(list((tmp_path / "out" / ".tokenized").iterdir())) == 1
     assert "step 30/30 (100%) loss " in err and "tokens/s" in err  # one plain line per log: not a terminal
     assert "{'loss'" not in err  # HF's raw dicts of strings are gone
     assert f"ftctl train: saved to {tmp_path / 'out'}" in err and "plot training_loss.png" in err
@@ -390,6 +391,7 @@ def test_ftctl_train_runs_a_finetunejob_locally(
     job_file.write_text(yaml.safe_dump(job))
     assert main(again) == ExitCode.CONFIG_ERROR
     err = capfd.readouterr().err
+    assert "data: tokenised before, loaded from" in err  # the same data: the first run's tokens
     assert "was saved by a different configuration" in err and "size mismatch" in err, err[-3000:]
     assert "Traceback" not in err  # the one line says it all
     # another precision: DeepSpeed looks for optimizer shards of that precision, which are not there

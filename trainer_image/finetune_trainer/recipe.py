@@ -327,10 +327,18 @@ def setup(config: TrainerConfig, preemption: Preemption) -> Session:
     report_to = trackers.prepare(config.training.report_to, config.paths.output, config.job_name)
     set_seed(config.training.seed)
     tokenizer = load_tokenizer(config)
-    data = build_datasets(
-        config.dataset, tokenizer, seed=config.training.seed, local_path=config.paths.dataset
-    )
-    args = training_arguments(config, has_eval=data.eval is not None, report_to=report_to)
+    # a validationSplit above 0 always holds out at least one example (data.packing.split_indices)
+    args = training_arguments(config, has_eval=config.dataset.validation_split > 0, report_to=report_to)
+    # each node's first worker reads and tokenises into the cache on the output volume; the others wait,
+    # then load that (and so does every later attempt of the job)
+    with args.main_process_first(desc="tokenising the data set"):
+        data = build_datasets(
+            config.dataset,
+            tokenizer,
+            seed=config.training.seed,
+            local_path=config.paths.dataset,
+            cache_root=config.paths.output,
+        )
     quantization = method.quantization(config)
     device_map = None
     if quantization is not None and config.zero_stage < 3:

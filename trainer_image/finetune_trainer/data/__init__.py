@@ -7,19 +7,24 @@ validation set → pack → Arrow data sets plus a padding collator. Every probl
 
 Packed data keeps whole examples per block with position ids that restart per example, batched by
 `FlatteningCollator` so attention stays within each example; unpacked data is padded per batch.
+
+With `cache_root` (the job's output directory) the result is cached there and loaded instead of built
+whenever the data, tokenizer and settings are the same (see `cache`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
-import torch
 from transformers import PreTrainedTokenizerBase
 
+from finetune_trainer.data import cache
+from finetune_trainer.data.bundle import DataBundle
+from finetune_trainer.data.cache import Collator
 from finetune_trainer.data.collate import FlatteningCollator, PaddingCollator
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import (
@@ -64,40 +69,46 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DataBundle:
-    """What the recipe trains on."""
-
-    #: Columns input_ids, labels (per-token with -100 = no loss; one int for classification), and
-    #: attention_mask, or position_ids when packed.
-    train: datasets.Dataset
-    #: The held-out `validationSplit` part, encoded and packed the same way; None when the split is 0.
-    eval: datasets.Dataset | None
-    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
-    #: Non-padding tokens in `train` (for tokens/s).
-    num_tokens: int
-    #: Classification with string labels: the class names by index (for the model's id2label); else ().
-    label_names: tuple[str, ...] = ()
-    #: Examples dropped because truncation left no trained token.
-    dropped: int = 0
-
-
 def build_datasets(
     spec: DatasetSpec,
     tokenizer: PreTrainedTokenizerBase,
     *,
     seed: int = 42,
     local_path: str | None = None,
+    cache_root: str | Path | None = None,
 ) -> DataBundle:
-    """Build the training (and validation) data for `spec`.
+    """Build the training (and validation) data for `spec`, or load it from the cache under `cache_root`.
 
     `local_path` is where the recipe found the data (pvc:// already resolved with `resolve_local_path`);
     without it `spec.uri` is read directly: hf://ORG/NAME from the hub (`spec.split`), file:// or a path.
     """
-    records = _read(spec, local_path)
+    path = _local_path(spec, local_path)
     fmt = FORMATS[spec.format]
     if fmt.task == "classification" and spec.packing:
         raise DataError("dataset.packing: packing is only for the language-modelling formats")
+    collator = _collator(spec, tokenizer)
+    key = cache.cache_key(spec, tokenizer, seed, path) if cache_root is not None else None
+    if cache_root is not None and key is not None:
+        bundle = cache.load_or_build(
+            cache_root, key, collator, lambda: _build(spec, tokenizer, fmt, collator, seed, path)
+        )
+    else:
+        if cache_root is not None:
+            log.info("data: not cached (only local data read with a fast tokenizer is)")
+        bundle = _build(spec, tokenizer, fmt, collator, seed, path)
+    log.info("data: %d train and %d eval examples from %s", *_sizes(bundle), spec.uri)
+    return bundle
+
+
+def _build(
+    spec: DatasetSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: Format,
+    collator: Collator,
+    seed: int,
+    path: str | None,
+) -> DataBundle:
+    records = read_local(path) if path is not None else read_hub(spec.uri, spec.split)
     context, label_names = _context(spec, tokenizer, records, fmt)
 
     examples, dropped = _encode_all(records, fmt, context, chunk_text=spec.packing and not fmt.masks_prompt)
@@ -120,14 +131,6 @@ def build_datasets(
     if spec.packing:
         train = pack(train, spec.max_seq_length)
         held_out = pack(held_out, spec.max_seq_length)
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if not isinstance(pad, int):
-        raise DataError("tokenizer: no pad or eos token to pad batches with")
-    log.info("data: %d train and %d eval examples from %s", len(train), len(held_out), spec.uri)
-    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] = (
-        FlatteningCollator() if spec.packing else PaddingCollator(pad_token_id=pad)
-    )
     return DataBundle(
         train=_to_dataset(train, packed=spec.packing),
         eval=_to_dataset(held_out, packed=spec.packing) if held_out else None,
@@ -138,14 +141,28 @@ def build_datasets(
     )
 
 
-def _read(spec: DatasetSpec, local_path: str | None) -> Records:
+def _sizes(bundle: DataBundle) -> tuple[int, int]:
+    return len(bundle.train), len(bundle.eval) if bundle.eval is not None else 0
+
+
+def _collator(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> Collator:
+    if spec.packing:
+        return FlatteningCollator()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if not isinstance(pad, int):
+        raise DataError("tokenizer: no pad or eos token to pad batches with")
+    return PaddingCollator(pad_token_id=pad)
+
+
+def _local_path(spec: DatasetSpec, local_path: str | None) -> str | None:
+    """Where the data is on this machine; None for a hub data set."""
     if local_path is not None:
-        return read_local(local_path)
+        return local_path
     if spec.uri.startswith(HUB_SCHEME):
-        return read_hub(spec.uri, spec.split)
+        return None
     if spec.uri.startswith(PVC_SCHEME):
         raise DataError(f"dataset uri {spec.uri}: pvc:// needs the mounted path (resolve_local_path)")
-    return read_local(resolve_local_path(spec.uri, {}))
+    return resolve_local_path(spec.uri, {})
 
 
 def _context(
