@@ -11,8 +11,10 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
+from finetune_operator.api.enums import AttentionImpl
+from finetune_operator.api.trainer import IMAGE_ATTENTION
 from finetune_operator.core.gang import RenderOptions
 from finetune_operator.core.lifecycle import LifecyclePolicy
 from finetune_operator.core.placement import PRESETS
@@ -76,6 +78,19 @@ class TrainerSettings:
     run_as_user: int = 10001
     #: Seconds a worker gets after SIGTERM to write a checkpoint before it is killed.
     termination_grace_seconds: int = 120
+    #: The attention kernels (model.attentionImplementation) `image` has, comma-separated in the
+    #: environment: the image built here has PyTorch's sdpa and eager; one with the flash-attn package
+    #: adds flash_attention_2. Jobs asking `image` for another kernel are refused at `kubectl apply`.
+    attention_implementations: tuple[str, ...] = tuple(a.value for a in IMAGE_ATTENTION)
+
+    def __post_init__(self) -> None:
+        known = {a.value for a in AttentionImpl}
+        unknown = [name for name in self.attention_implementations if name not in known]
+        if unknown or not self.attention_implementations:
+            raise ValueError(
+                f"trainer attention_implementations must be some of {', '.join(sorted(known))}, "
+                f"got {', '.join(self.attention_implementations) or 'none'}"
+            )
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,9 @@ class Settings:
             placement_preset=self.placement.preset,
             termination_grace_seconds=self.trainer.termination_grace_seconds,
             node_lost_seconds=round(self.restarts.node_lost_seconds),
+            attention_implementations=frozenset(
+                AttentionImpl(name) for name in self.trainer.attention_implementations
+            ),
         )
 
     def lifecycle_policy(self) -> LifecyclePolicy:
@@ -191,6 +209,8 @@ def _convert(kind: Any, raw: str, where: str) -> Any:
             return int(raw)
         if kind is float:
             return float(raw)
+        if get_origin(kind) is tuple:
+            return tuple(item for item in raw.replace(",", " ").split() if item)
         return raw
     except ValueError as exc:
         raise ValueError(f"{where}={raw!r} is not a valid {kind.__name__}") from exc

@@ -82,6 +82,21 @@ def test_the_deployment_configures_a_serving_only_webhook() -> None:
     assert deployment["volumes"][0]["secret"]["secretName"] == "ft-webhook-tls"
 
 
+def test_the_trainer_images_attention_kernels_reach_the_operator() -> None:
+    """What the chart says trainerImage has is what the webhook admits (core/desire.py)."""
+
+    def kernels(*values: str) -> list[str]:
+        container = rendered(*values)["Deployment/ft"]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        return sorted(a.value for a in from_env(env).render_options().attention_implementations)
+
+    assert kernels() == ["eager", "sdpa"]  # the image built from Dockerfile.trainer: no flash-attn
+    assert kernels("--set", "trainerAttentionImplementations={sdpa,flash_attention_2}") == [
+        "flash_attention_2",
+        "sdpa",
+    ]
+
+
 @pytest.mark.parametrize("value", ["webhook.enabled=false", "webhook.certManager.enabled=true"])
 def test_the_webhook_can_be_turned_off_or_issued_by_cert_manager(value: str) -> None:
     objects = rendered("--set", value)
@@ -151,6 +166,10 @@ def test_replicas_are_ready_when_healthy_spread_over_nodes_and_drained_one_at_a_
         ("webhook.failurePolicy=Sometimes", "value must be one of 'Ignore', 'Fail'"),
         ("placement.preset=aks", "value must be one of 'nvidia-gfd', 'gke', 'eks'"),
         ("metrics.podMonitor.interval=often", "does not match pattern"),
+        (
+            "trainerAttentionImplementations={flash}",
+            "value must be one of 'sdpa', 'eager', 'flash_attention_2'",
+        ),
     ],
 )
 def test_the_values_schema_refuses_typos_and_bad_values(value: str, refusal: str) -> None:

@@ -656,6 +656,12 @@ def test_the_admission_webhook_answers_kubectl_apply_with_the_plan(
             create(api, namespace, misfit("too-large"))
         assert refused.value.status == 422
         assert f"MemoryFits: {answer.message}" in str(refused.value.body)
+        flash = example("flash")  # a kernel the trainer image lacks
+        flash["spec"]["model"]["attentionImplementation"] = "flash_attention_2"
+        with pytest.raises(ApiException) as lacking:
+            create(api, namespace, flash)
+        assert lacking.value.status == 422
+        assert "attentionImplementation: the trainer image" in str(lacking.value.body)
 
         create(api, namespace, example("fits"))
         status = wait_job(api, webhook, "fits", lambda s: bool(s.get("plan")), "plan")

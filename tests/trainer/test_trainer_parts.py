@@ -343,3 +343,38 @@ def test_an_attention_kernel_the_image_lacks_is_a_configuration_error_not_a_retr
     with pytest.raises(ImportError) as missing:
         build(config)
     assert exit_code_for(missing.value) is ExitCode.CONFIG_ERROR
+
+
+@pytest.mark.parametrize(
+    ("gpu", "installed", "refusal"),
+    [(False, True, "needs a GPU"), (True, False, "this image has no flash-attn package"), (True, True, None)],
+)
+def test_flash_attention_is_refused_before_anything_loads_where_it_cannot_run(
+    monkeypatch: pytest.MonkeyPatch, gpu: bool, installed: bool, refusal: str | None
+) -> None:
+    import importlib.util
+
+    from finetune_trainer import recipe
+
+    config = config_for(Path("/unused-model"), {"type": "lora"})
+    config = config.model_copy(
+        update={
+            "model": config.model.model_copy(
+                update={"attention_implementation": AttentionImpl.FLASH_ATTENTION_2}
+            )
+        }
+    )
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: (
+            (object() if installed else None) if name == "flash_attn" else find_spec(name, *args)
+        ),
+    )
+    if refusal is None:
+        recipe.check_combination(config)
+    else:
+        with pytest.raises(ConfigurationError, match=refusal):
+            recipe.check_combination(config)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from finetune_operator.core.admission import review as review_with
-from finetune_operator.settings import Settings
+from finetune_operator.settings import Settings, from_env
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llama2-7b-alpaca-lora.yaml"
 OPTIONS = Settings().render_options()
@@ -78,3 +78,27 @@ def test_a_gpu_the_clusters_placement_preset_cannot_name_is_refused(job: dict[st
     assert review(job) is None  # NVIDIA GPU feature discovery labels it
     message = review(job, placement_preset="eks")
     assert message is not None and "has no node.kubernetes.io/instance-type value" in message
+
+
+def test_an_attention_kernel_the_trainer_image_lacks_is_refused(job: dict[str, Any]) -> None:
+    """The image built here has no flash-attn: its workers would all fail at load."""
+    job["spec"]["model"]["attentionImplementation"] = "flash_attention_2"
+    assert review(job) == (
+        "InvalidSpec: spec.model.attentionImplementation: the trainer image "
+        "ghcr.io/finetune-operator/trainer:0.1.0 has no flash_attention_2 (it has sdpa and eager); use "
+        "sdpa, the default, or spec.image with an image that has it"
+    )
+    # an operator whose trainer image has it (FINETUNE_TRAINER_ATTENTION_IMPLEMENTATIONS), or the job's
+    # own image, which its trainer checks at start
+    with_flash = from_env({"FINETUNE_TRAINER_ATTENTION_IMPLEMENTATIONS": "sdpa,eager,flash_attention_2"})
+    assert review_with(job, None, with_flash.render_options()) is None
+    job["spec"]["image"] = "registry.example/trainer-flash:1"
+    assert review(job) is None
+    job["spec"]["model"]["attentionImplementation"] = "eager"
+    del job["spec"]["image"]
+    assert review(job) is None
+
+
+def test_the_trainer_images_attention_kernels_must_be_known_ones() -> None:
+    with pytest.raises(ValueError, match="must be some of eager, flash_attention_2, sdpa, got flash"):
+        from_env({"FINETUNE_TRAINER_ATTENTION_IMPLEMENTATIONS": "flash"})

@@ -10,6 +10,7 @@ and progress reporting.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import signal
@@ -34,7 +35,7 @@ from transformers import (
     set_seed,
 )
 
-from finetune_operator.api.enums import Optimizer, Precision
+from finetune_operator.api.enums import AttentionImpl, Optimizer, Precision
 from finetune_operator.api.exit_codes import ExitCode
 from finetune_operator.api.methods import MERGE_RULE
 from finetune_operator.api.trainer import (
@@ -272,6 +273,14 @@ def check_combination(config: TrainerConfig) -> MethodBuilder:
         raise ConfigurationError(MERGE_RULE.message)
     if not torch.cuda.is_available() and config.training.precision == Precision.FP16:
         raise ConfigurationError("training.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if config.model.attention_implementation == AttentionImpl.FLASH_ATTENTION_2:
+        if not torch.cuda.is_available():
+            raise ConfigurationError("model.attentionImplementation flash_attention_2 needs a GPU; use sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigurationError(
+                "model.attentionImplementation flash_attention_2: this image has no flash-attn package; "
+                "use sdpa (the default) or eager, or an image with flash-attn"
+            )
     return method
 
 

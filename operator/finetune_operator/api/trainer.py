@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field
 
 from finetune_operator.api.base import ApiModel, Rule
-from finetune_operator.api.enums import Offload
+from finetune_operator.api.enums import AttentionImpl, Offload
 from finetune_operator.api.methods import METHODS
 from finetune_operator.api.models import (
     CheckpointingSpec,
@@ -62,6 +62,9 @@ LOSS_PLOT_FILE = "training_loss.png"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 #: The rendered trainer config the operator mounts and ftctl writes.
 CONFIG_FILE = "trainer_config.yaml"
+#: The attention kernels (`model.attentionImplementation`) the image built from Dockerfile.trainer has:
+#: PyTorch's own. flash_attention_2 needs the flash-attn package, built against the image's CUDA and torch.
+IMAGE_ATTENTION: tuple[AttentionImpl, ...] = (AttentionImpl.SDPA, AttentionImpl.EAGER)
 
 
 class ResolvedPaths(ApiModel):

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetune_operator.api.base import describe_validation_error
+from finetune_operator.api.enums import AttentionImpl
 from finetune_operator.api.models import FineTuneJob, PlanStatus
 from finetune_operator.core.gang import Gang, JobRef, Refine, RenderOptions, build_gang
 from finetune_operator.core.plan import Plan, PlanningError, plan
@@ -65,6 +66,20 @@ def parse_job(body: Mapping[str, Any]) -> FineTuneJob | SpecProblem:
         )
 
 
+def _missing_attention(job: FineTuneJob, options: RenderOptions) -> SpecProblem | None:
+    """An attention kernel the operator's trainer image lacks would fail every worker at load. A job with
+    its own `spec.image` is the job's business: its trainer refuses a missing kernel at start."""
+    wanted = job.spec.model.attention_implementation
+    if job.spec.image or wanted in options.attention_implementations:
+        return None
+    have = " and ".join(a.value for a in AttentionImpl if a in options.attention_implementations)
+    return SpecProblem(
+        "InvalidSpec",
+        f"spec.model.attentionImplementation: the trainer image {options.image} has no {wanted.value} "
+        f"(it has {have}); use sdpa, the default, or spec.image with an image that has it",
+    )
+
+
 def _checked_plan(job: FineTuneJob) -> Plan | SpecProblem:
     """The plan, or why the job cannot run before anything is built: a reserved env name, a spec the
     planner refuses, or its MemoryFits verdict."""
@@ -88,6 +103,9 @@ def desire(
 ) -> Desired | SpecProblem:
     """Plan, check and render one job for `attempt`; a SpecProblem says why it cannot run (the admission
     webhook refuses `kubectl apply` with it, the controller fails the job with it)."""
+    unavailable = _missing_attention(job, options)
+    if unavailable is not None:
+        return unavailable
     planned = _checked_plan(job)
     if isinstance(planned, SpecProblem):
         return planned

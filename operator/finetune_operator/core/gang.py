@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_operator.api.enums import AttentionImpl
 from finetune_operator.api.models import FineTuneJob, Toleration
-from finetune_operator.api.trainer import CONFIG_FILE
+from finetune_operator.api.trainer import CONFIG_FILE, IMAGE_ATTENTION
 from finetune_operator.core import names
 from finetune_operator.core.placement import placement
 from finetune_operator.core.plan import Plan
@@ -44,6 +45,8 @@ class RenderOptions:
     #: Seconds the workers tolerate their node being not Ready or unreachable before Kubernetes evicts
     #: them, which tells the operator to look at the node (LifecyclePolicy.node_lost_seconds).
     node_lost_seconds: int = 120
+    #: The attention kernels `image` has; a job asking `image` for another one cannot run.
+    attention_implementations: frozenset[AttentionImpl] = frozenset(IMAGE_ATTENTION)
 
 
 @dataclass(frozen=True)
