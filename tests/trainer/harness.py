@@ -30,6 +30,7 @@ def write_trainer_config(
     method: dict[str, Any],
     zero_stage: int,
     classification: bool = False,
+    model: dict[str, Any] | None = None,
     dataset: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     checkpointing: dict[str, Any] | None = None,
@@ -40,7 +41,7 @@ def write_trainer_config(
     config = TrainerConfig.model_validate(
         {
             "jobName": "tiny",
-            "model": {"uri": str(model_dir)},
+            "model": {"uri": str(model_dir), **(model or {})},
             "dataset": {
                 "uri": str(data),
                 "format": "classification" if classification else "text",
