@@ -141,6 +141,33 @@ def test_packing_instruction_data_never_splits_an_example(
     assert isinstance(packed.collator, FlatteningCollator)
 
 
+@pytest.mark.parametrize(
+    ("format", "spec", "can_share_rows", "flattened"),
+    [
+        ("text", {}, True, True),  # padding-free by default
+        ("alpaca", {}, True, True),
+        ("text", {"padding_free": False}, True, False),
+        ("text", {}, False, False),  # prefix and prompt tuning: a row each, padded
+        ("classification", {"num_labels": 2}, True, False),  # one label per example: padded
+    ],
+)
+def test_unpacked_batches_are_padding_free_where_examples_may_share_a_row(
+    tmp_path: Path,
+    tiny_tokenizer: PreTrainedTokenizerBase,
+    format: str,
+    spec: dict[str, Any],
+    can_share_rows: bool,
+    flattened: bool,
+) -> None:
+    record = {"text": "Hi.", "label": 1, "instruction": "Say hi.", "output": "Hi."}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    bundle = build_datasets(
+        DatasetSpec(uri=str(path), format=format, **spec), tiny_tokenizer, can_share_rows=can_share_rows
+    )
+    assert isinstance(bundle.collator, FlatteningCollator if flattened else PaddingCollator)
+
+
 def test_flattening_collator_makes_one_row_with_position_ids() -> None:
     batch = FlatteningCollator()(
         [

@@ -18,7 +18,7 @@ from finetune_operator.api.methods import NO_ZERO3_METHODS
 from finetune_operator.api.models import DatasetSpec
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport, TrainerConfig
 from finetune_trainer import checkpoints, methods
-from finetune_trainer.data import DataBundle, build_datasets
+from finetune_trainer.data import DataBundle, FlatteningCollator, PaddingCollator, build_datasets
 from finetune_trainer.deepspeed import render_deepspeed_config
 from finetune_trainer.exit_codes import ConfigurationError
 from finetune_trainer.methods import REGISTRY
@@ -173,13 +173,14 @@ def build(config: TrainerConfig) -> torch.nn.Module:
     return method.apply(base, config)
 
 
+@pytest.mark.parametrize("layout", ["packed", "padding-free"])
 @pytest.mark.parametrize("attention", [AttentionImpl.SDPA, AttentionImpl.EAGER])
-def test_packed_examples_do_not_attend_to_each_other(
-    tmp_path: Path, tiny_llama_dir: Path, attention: AttentionImpl
+def test_examples_sharing_a_row_do_not_attend_to_each_other(
+    tmp_path: Path, tiny_llama_dir: Path, attention: AttentionImpl, layout: str
 ) -> None:
-    """Through the model as the trainer loads it, a packed row's logits and loss are those of each example
-    alone: attention and positions restart at every example (in the old packing, and with the KV cache
-    left on, the later examples attended to the earlier ones)."""
+    """Through the model as the trainer loads it, a packed block's or a padding-free batch's logits and
+    loss are those of each example alone, padded: attention and positions restart at every example (in
+    the old packing, and with the KV cache left on, the later examples attended to the earlier ones)."""
     config = config_for(tiny_llama_dir, {"type": "full"})
     config.model.attention_implementation = attention
     tokenizer = load_tokenizer(config)
@@ -193,18 +194,20 @@ def test_packed_examples_do_not_attend_to_each_other(
             DatasetSpec(uri=str(data), format="text", max_seq_length=128, **spec), tokenizer
         )
 
-    packed, plain = bundle(packing=True), bundle()
-    assert len(packed.train) == 1
-    row = packed.train[0]
-    starts = [p for p, position in enumerate(row["position_ids"]) if position == 0]
-    assert len(starts) == len(texts)
+    shared = bundle(packing=layout == "packed")
+    plain = bundle(padding_free=False)
+    assert isinstance(shared.collator, FlatteningCollator) and isinstance(plain.collator, PaddingCollator)
+    batch = shared.collator(list(shared.train))  # one packed block, or the three examples
+    row, positions = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
+    starts = [p for p, position in enumerate(positions) if position == 0]
+    assert batch["input_ids"].shape[0] == 1 and len(starts) == len(texts) and "attention_mask" not in batch
     with torch.no_grad():
-        together = model(**packed.collator([row]))
+        together = model(**batch)
         weighted, targets = torch.tensor(0.0), 0
         for example in plain.train:
             alone = model(**plain.collator([example]))
             length = len(example["input_ids"])
-            start = next(s for s in starts if row["input_ids"][s : s + length] == example["input_ids"])
+            start = next(s for s in starts if row[s : s + length] == example["input_ids"])
             torch.testing.assert_close(together.logits[0, start : start + length], alone.logits[0])
             weighted, targets = weighted + alone.loss * (length - 1), targets + length - 1
     torch.testing.assert_close(together.loss, weighted / targets)
@@ -378,3 +381,20 @@ def test_flash_attention_is_refused_before_anything_loads_where_it_cannot_run(
     else:
         with pytest.raises(ConfigurationError, match=refusal):
             recipe.check_combination(config)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "fused", "name"),
+    [
+        (Optimizer.ADAMW, True, "adamw_torch_fused"),  # the default
+        (Optimizer.ADAMW, False, "adamw_torch"),
+        (Optimizer.ADAMW_8BIT, True, "adamw_bnb_8bit"),  # no fused variant: the switch does nothing
+        (Optimizer.SGD, True, "sgd"),
+    ],
+)
+def test_adamw_steps_fused_unless_switched_off(optimizer: Optimizer, fused: bool, name: str) -> None:
+    from finetune_operator.api.models import TrainingSpec
+    from finetune_trainer.recipe import optimizer_name
+
+    assert TrainingSpec().fused_optimizer is True
+    assert optimizer_name(TrainingSpec(optimizer=optimizer, fused_optimizer=fused)) == name

@@ -37,7 +37,8 @@ from transformers import (
 
 from finetune_operator.api.enums import AttentionImpl, Optimizer, Precision
 from finetune_operator.api.exit_codes import ExitCode
-from finetune_operator.api.methods import MERGE_RULE
+from finetune_operator.api.methods import MERGE_RULE, METHODS
+from finetune_operator.api.models import TrainingSpec
 from finetune_operator.api.trainer import (
     LOSS_PLOT_FILE,
     SUMMARY_FILE,
@@ -284,6 +285,14 @@ def check_combination(config: TrainerConfig) -> MethodBuilder:
     return method
 
 
+def optimizer_name(training: TrainingSpec) -> str:
+    """HF's name for the spec's optimizer: AdamW fused unless `fusedOptimizer` is off (HF's own default
+    since torch 2.8; the foreach one launches several kernels per parameter tensor)."""
+    if training.optimizer == Optimizer.ADAMW and training.fused_optimizer:
+        return "adamw_torch_fused"
+    return OPTIMIZERS[training.optimizer]
+
+
 def training_arguments(config: TrainerConfig, has_eval: bool, report_to: list[str]) -> TrainingArguments:
     """HF TrainingArguments from the spec; creating them also registers the DeepSpeed config, which
     ZeRO-3 needs before the model is loaded (weights are partitioned as they load). `report_to` names
@@ -310,7 +319,7 @@ def training_arguments(config: TrainerConfig, has_eval: bool, report_to: list[st
         fp16=t.precision == Precision.FP16,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        optim=OPTIMIZERS[t.optimizer],
+        optim=optimizer_name(t),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -347,6 +356,7 @@ def setup(config: TrainerConfig, preemption: Preemption) -> Session:
             seed=config.training.seed,
             local_path=config.paths.dataset,
             cache_root=config.paths.output,
+            can_share_rows=METHODS[config.method.type].packing,
         )
     quantization = method.quantization(config)
     device_map = None

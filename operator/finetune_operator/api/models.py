@@ -169,6 +169,14 @@ class DatasetSpec(ApiModel):
             "pieces first); position ids restart per example so packed examples never attend to each other."
         ),
     )
+    padding_free: bool = Field(
+        default=True,
+        description=(
+            "Batch unpacked examples one after another in a single row, position ids restarting per "
+            "example, instead of right-padding them to the longest: no compute on padding, the same "
+            "targets. Language-modelling formats only, and not for prefix or prompt tuning (always padded)."
+        ),
+    )
     validation_split: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Fraction of the data held out for evaluation (0 = none)."
     )
@@ -296,6 +304,12 @@ class TrainingSpec(ApiModel):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
     optimizer: Optimizer = Field(
         default=Optimizer.ADAMW, description="adamw, adamw_8bit, paged_adamw_8bit, sgd."
+    )
+    fused_optimizer: bool = Field(
+        default=True,
+        description="AdamW steps in torch's fused kernel (adamw_torch_fused), a few kernels for all "
+        "parameters instead of several per tensor; false: the foreach implementation. Only adamw has "
+        "one; under distributed.offload DeepSpeed's CPU Adam steps instead.",
     )
     seed: int = Field(default=42, ge=0, description="Random seed for data order and initialisation.")
     logging_steps: int = Field(default=10, ge=1, description="Report loss and progress every N steps.")

@@ -6,7 +6,8 @@ validation set → pack → Arrow data sets plus a padding collator. Every probl
 `DataError` naming the file, record index and field; the trainer exits with its configuration-error code.
 
 Packed data keeps whole examples per block with position ids that restart per example, batched by
-`FlatteningCollator` so attention stays within each example; unpacked data is padded per batch.
+`FlatteningCollator` so attention stays within each example. Unpacked language-modelling data is batched
+the same way (`dataset.paddingFree`, the default), or padded per batch.
 
 With `cache_root` (the job's output directory) the result is cached there and loaded instead of built
 whenever the data, tokenizer and settings are the same (see `cache`).
@@ -76,17 +77,20 @@ def build_datasets(
     seed: int = 42,
     local_path: str | None = None,
     cache_root: str | Path | None = None,
+    can_share_rows: bool = True,
 ) -> DataBundle:
     """Build the training (and validation) data for `spec`, or load it from the cache under `cache_root`.
 
     `local_path` is where the recipe found the data (pvc:// already resolved with `resolve_local_path`);
     without it `spec.uri` is read directly: hf://ORG/NAME from the hub (`spec.split`), file:// or a path.
+    `can_share_rows` is False for a method whose examples must each have a row of their own (prefix and
+    prompt tuning: the method table's `packing` trait); their batches are padded.
     """
     path = _local_path(spec, local_path)
     fmt = FORMATS[spec.format]
     if fmt.task == "classification" and spec.packing:
         raise DataError("dataset.packing: packing is only for the language-modelling formats")
-    collator = _collator(spec, tokenizer)
+    collator = _collator(spec, tokenizer, flatten=fmt.task == "causal-lm" and can_share_rows)
     key = cache.cache_key(spec, tokenizer, seed, path) if cache_root is not None else None
     if cache_root is not None and key is not None:
         bundle = cache.load_or_build(
@@ -145,8 +149,10 @@ def _sizes(bundle: DataBundle) -> tuple[int, int]:
     return len(bundle.train), len(bundle.eval) if bundle.eval is not None else 0
 
 
-def _collator(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> Collator:
-    if spec.packing:
+def _collator(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, *, flatten: bool) -> Collator:
+    """Packed rows are always flattened; unpacked examples too with `dataset.paddingFree` where they may
+    share a row (`flatten`), else padded."""
+    if spec.packing or (spec.padding_free and flatten):
         return FlatteningCollator()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not isinstance(pad, int):
