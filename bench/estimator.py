@@ -18,6 +18,7 @@ import yaml
 
 from finetune_operator.api.models import FineTuneJobSpec, parse_job
 from finetune_operator.core.calibration import (
+    MODELLED_TERMS,
     UNEXPLAINED_GAPS,
     CalibrationResult,
     calibrate,
@@ -78,8 +79,10 @@ def markdown(
         + ", ".join(f"{name} {value * 1e3:.2f} ms" for name, value in plan_seconds.items())
         + ".",
     ]
-    lines += ["", "Rows beyond 20% and why (no per-row factor is applied):", ""]
+    lines += ["", "Rows beyond 15% and why (no per-row factor is applied):", ""]
     lines += [f"- {row}: {why}" for row, why in UNEXPLAINED_GAPS.items()]
+    lines += ["", "## What the estimator counts", "", "| term | counted as | source |", "|---|---|---|"]
+    lines += [f"| {term} | {how} | {source} |" for term, how, source in MODELLED_TERMS]
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from finetune_operator.api.enums import Method, Offload, Optimizer, Precision
 from finetune_operator.api.exit_codes import ExitCode, describe, is_retryable
 from finetune_operator.api.models import FineTuneJob, parse_job
-from finetune_operator.api.trainer import ProgressReport, ProgressSettings, TrainerConfig
+from finetune_operator.api.trainer import DeepSpeedBuckets, ProgressReport, ProgressSettings, TrainerConfig
+from finetune_operator.core.plan import plan
 from finetune_operator.core.trainer_config import (
     TrainerConfigError,
     claims_of,
@@ -44,6 +45,7 @@ class FakePlan:
     zero_stage: int = 2
     offload: Offload = Offload.NONE
     per_gpu_bytes: int = 40 * 1024**3
+    buckets: DeepSpeedBuckets | None = None
 
 
 def example_job(**spec_updates: Any) -> FineTuneJob:
@@ -77,6 +79,7 @@ def test_render_resolves_pvc_uris_to_mounts_and_embeds_the_spec_unchanged() -> N
         "offload": "none",
         "worldSize": 16,
         "estimateBytes": 40 * 1024**3,
+        "buckets": None,
     }
     assert config.progress.reporter == "pod-annotation"
 
@@ -283,6 +286,18 @@ def test_deepspeed_precision_follows_the_spec(precision: Precision, bf16: bool, 
     assert ds["fp16"]["enabled"] is fp16_enabled
     if fp16_enabled:
         assert ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_deepspeed_buckets_are_the_ones_the_plans_estimate_counts(stage: int) -> None:
+    job = example_job(distributed={"zeroStage": stage})
+    planned = plan(job.spec)
+    config = render_trainer_config(job, planned)
+    zero = render_deepspeed_config(config)["zero_optimization"]
+    assert config.buckets == planned.estimate.buckets
+    # a LoRA's reduce bucket holds its gradients, not DeepSpeed's default 5e8 elements
+    assert zero["reduce_bucket_size"] == planned.estimate.trainable_params < 500_000_000
+    assert zero.get("stage3_prefetch_bucket_size") == (50_000_000 if stage == 3 else None)
 
 
 def test_offload_with_an_optimizer_that_cannot_step_on_the_host_is_a_configuration_error() -> None:

@@ -303,3 +303,65 @@ def test_a_longer_batch_never_lowers_the_peak_when_the_peak_changes_phase() -> N
     short, longer = estimate(base), estimate(replace(base, micro_batch_size=3, seq_len=284))
     assert short.peak_phase == "optimizer_step"
     assert longer.per_gpu_bytes >= short.per_gpu_bytes
+
+
+def test_the_unfused_adamw_step_needs_a_moment_of_the_ranks_partition() -> None:
+    """Llama-2-7B full fine-tuning on 2 GPUs under ZeRO-2: torch's foreach AdamW steps DeepSpeed's fp32
+    partition with one moment-sized temporary, 12.6 GiB; the fused kernel (the default) none."""
+    setup = TrainingSetup(LLAMA2, Method.FULL, zero_stage=2, world_size=2, fused_optimizer=False)
+    foreach, fused = estimate(setup), estimate(replace(setup, fused_optimizer=True))
+    assert foreach.peak_phase == fused.peak_phase == "optimizer_step"
+    temporary = foreach.breakdown["optimizer"] - fused.breakdown["optimizer"]
+    assert temporary == -(-LLAMA2.total_params() * 4 // 2)
+    assert round(temporary / 2**30, 1) == 12.6
+    offloaded = replace(setup, offload=Offload.OPTIMIZER)  # DeepSpeed's CPU Adam steps on the host
+    assert estimate(offloaded).breakdown["optimizer"] == 0
+
+
+@pytest.mark.parametrize(("stage", "buffers"), [(0, 0), (1, 2), (2, 2), (3, 1)])
+def test_zero_buckets_are_sized_to_the_gradients_and_counted_as_deepspeed_allocates_them(
+    stage: int, buffers: int
+) -> None:
+    """The reduce bucket is allocated in full, twice under ZeRO-1/2 (overlap_comm); capped at the
+    trainable parameters, a LoRA's bucket is megabytes, not DeepSpeed's default 2 x 1 GB."""
+    setup = TrainingSetup(LLAMA2, Method.LORA, zero_stage=stage, world_size=2, micro_batch_size=4)
+    result = estimate(setup)
+    assert result.buckets.reduce == 4_194_304 and result.buckets.prefetch == 50_000_000
+    prefetch = result.buckets.prefetch * 2 if stage == 3 else 0
+    assert result.overhead["deepspeed_buffers"] == buffers * result.buckets.reduce * 2 + prefetch
+    full = estimate(TrainingSetup(LLAMA2, Method.FULL, zero_stage=2, world_size=8))
+    assert full.buckets.reduce == 500_000_000  # DeepSpeed's default where the model is larger
+
+
+def test_lora_dropout_saves_each_adapters_dropped_out_input() -> None:
+    """PEFT's lora_A(dropout(x)): per adapted module and token, a 16-bit copy of its input and a mask."""
+    setup = TrainingSetup(
+        catalogue_architecture("meta-llama/Llama-3.1-8B"),
+        Method.LORA,
+        lora_target_modules=("all-linear",),
+        micro_batch_size=2,
+        seq_len=2048,
+    )
+    without, with_dropout = estimate(setup), estimate(replace(setup, lora_dropout=0.05))
+    inputs = sum(i for i, _ in setup.arch.linear_shapes().values())  # q, k, v, o, gate, up, down
+    expected = setup.arch.num_layers * 2 * 2048 * inputs * (2 + 1)
+    assert with_dropout.activation_bytes - without.activation_bytes == expected
+    assert round(expected / 2**30, 1) == 14.2
+    assert estimate(replace(setup, method=Method.FULL, lora_dropout=0.05)).activation_bytes == (
+        estimate(replace(setup, method=Method.FULL)).activation_bytes
+    )
+
+
+def test_qlora_loading_upcasts_the_unquantized_weights_to_fp32() -> None:
+    """prepare_model_for_kbit_training makes embeddings, norms and head fp32 until DeepSpeed casts them
+    back: with almost no activations that moment is the peak (not under ZeRO-3, which skips it)."""
+    setup = TrainingSetup(LLAMA2, Method.QLORA, seq_len=1, micro_batch_size=1)
+    result = estimate(setup)
+    linear = sum(i * o for i, o in LLAMA2.linear_shapes().values()) * LLAMA2.num_layers
+    assert result.peak_phase == "load"
+    assert result.breakdown["weights"] == result.model_states["weights"] + 2 * (
+        LLAMA2.total_params() - linear
+    )
+    assert result.breakdown["optimizer"] == 0  # the optimizer does not exist yet
+    assert estimate(replace(setup, zero_stage=3, world_size=2)).peak_phase != "load"
+    assert estimate(replace(setup, seq_len=512, micro_batch_size=2)).peak_phase == "backward"

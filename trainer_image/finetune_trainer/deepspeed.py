@@ -31,7 +31,7 @@ def render_deepspeed_config(config: TrainerConfig, device: Device = "cuda") -> d
         "wall_clock_breakdown": False,
         "bf16": {"enabled": training.precision == Precision.BF16},
         "fp16": _fp16(training.precision),
-        "zero_optimization": _zero(config.zero_stage, config.offload, device),
+        "zero_optimization": _zero(config, device),
         # HF Trainer builds the optimizer (torch AdamW, bitsandbytes 8-bit, SGD); DeepSpeed only vouches
         # for its own, so without this flag it refuses the others under ZeRO.
         "zero_allow_untested_optimizer": True,
@@ -55,10 +55,15 @@ def _fp16(precision: Precision) -> dict[str, Any]:
     }
 
 
-def _zero(stage: int, offload: Offload, device: Device) -> dict[str, Any]:
+def _zero(config: TrainerConfig, device: Device) -> dict[str, Any]:
+    stage, offload = config.zero_stage, config.offload
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero |= {"overlap_comm": device == "cuda", "contiguous_gradients": True}
+        if config.buckets is not None:  # the plan's sizes, which its estimate counts
+            zero["reduce_bucket_size"] = config.buckets.reduce
+            if stage == 3:
+                zero["stage3_prefetch_bucket_size"] = config.buckets.prefetch
     if stage == 3:
         # Gather the partitioned weights into one 16-bit state dict on save, so the saved model or
         # adapter loads with plain from_pretrained; without it rank 0 would save empty tensors.

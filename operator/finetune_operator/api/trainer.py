@@ -80,6 +80,20 @@ class ResolvedPaths(ApiModel):
     checkpoints: str = Field(min_length=1, description="Directory holding checkpoint-N subdirectories.")
 
 
+class DeepSpeedBuckets(ApiModel):
+    """ZeRO's communication buckets, in elements, as the planner sized them and the estimator counts them.
+
+    DeepSpeed allocates its reduce bucket at full size whatever it reduces (twice with overlap_comm): its
+    default of 5e8 elements is 2 GB of bf16 beside a LoRA's few million gradients. The planner caps each
+    bucket at what it could ever hold, so what the estimate counts is what DeepSpeed allocates.
+    """
+
+    reduce: int = Field(ge=1, description="reduce_bucket_size: gradient elements reduced together.")
+    prefetch: int = Field(
+        ge=1, description="ZeRO-3's stage3_prefetch_bucket_size: parameters gathered ahead."
+    )
+
+
 class ProgressSettings(ApiModel):
     """How rank 0 reports progress, and where every worker serves Prometheus metrics."""
 
@@ -125,6 +139,9 @@ class TrainerConfig(ApiModel):
     world_size: int = Field(default=1, ge=1, description="Total worker processes (GPUs) the plan launches.")
     estimate_bytes: int | None = Field(
         default=None, ge=0, description="The operator's per-GPU peak estimate, echoed in the summary."
+    )
+    buckets: DeepSpeedBuckets | None = Field(
+        default=None, description="ZeRO's bucket sizes from the plan; none: DeepSpeed's defaults."
     )
     progress: ProgressSettings = Field(default_factory=ProgressSettings)
 

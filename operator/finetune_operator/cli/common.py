@@ -151,17 +151,21 @@ def explain_peak(estimate: MemoryEstimate, zero_stage: int) -> list[str]:
     against the 16 B rule of thumb."""
     if estimate.peak_phase == "optimizer_step":
         lines = [
-            "  peak at the optimizer step: every gradient and the optimizer's temporaries are alive; the "
+            "  peak at the optimizer step: every gradient and the optimizer's states are alive; the "
             f"activations ({gib(estimate.activation_bytes)} at their own peak, in backward) are freed by then"
+        ]
+    elif estimate.peak_phase == "load":
+        lines = [
+            "  peak while loading: the 16-bit weights that are not 4-bit are upcast to fp32 for a moment"
         ]
     else:
         lines = ["  peak in backward: the activations are alive, the gradients not all computed yet"]
     states = sum(estimate.breakdown.get(k, 0) for k in ("weights", "gradients", "optimizer"))
     per_param = states / estimate.total_params if estimate.total_params else 0.0
     if zero_stage == 0 and estimate.trainable_params == estimate.total_params and per_param > 16.5:
+        temporary = " and the unfused AdamW step one moment-sized temporary (4 B)" if per_param > 20.5 else ""
         lines.append(
             f"  {per_param:.1f} B per parameter, not the rule of thumb's 16 (16-bit weights and gradients, fp32 "
-            "master and Adam's two moments): DeepSpeed also keeps fp32 gradients (4 B) and the step needs "
-            "temporaries"
+            f"master and Adam's two moments): DeepSpeed also keeps fp32 gradients (4 B){temporary}"
         )
     return lines

@@ -45,6 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--optimizer", type=Optimizer, choices=list(Optimizer), default=Optimizer.ADAMW, help="optimizer"
     )
+    p.add_argument(
+        "--fused-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="AdamW in torch's fused kernel (training.fusedOptimizer); the foreach one needs a step temporary",
+    )
     p.add_argument("--micro-batch-size", type=int, default=1, metavar="B", help="sequences per GPU per step")
     p.add_argument("--seq-len", type=int, default=512, metavar="S", help="tokens per sequence")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
@@ -56,6 +62,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="attention implementation",
     )
     p.add_argument("--lora-r", type=int, default=8, metavar="R", help="LoRA rank")
+    p.add_argument(
+        "--lora-dropout", type=float, default=0.05, metavar="P", help="LoRA dropout (the API's default)"
+    )
     p.add_argument(
         "--lora-target-modules", default="q_proj,v_proj", metavar="M,M|all-linear", help="comma-separated"
     )
@@ -110,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         double_quant=args.double_quant,
         trainable_layers=args.trainable_layers,
         num_virtual_tokens=args.num_virtual_tokens,
+        fused_optimizer=args.fused_optimizer,
+        lora_dropout=args.lora_dropout,
     )
     result = estimate(setup)
     share = result.trainable_params / result.total_params if result.total_params else 0.0

@@ -11,7 +11,10 @@ GPT-3 constant (`34·s·b·h` bytes per layer assumes a GELU MLP and dropout, wh
   and its 16-bit copy, `heads·s_kv` per token each;
 - a SwiGLU MLP saves gate, act(gate) and up (three `intermediate` tensors), plus their product when
   `down_proj` trains; a GELU MLP saves its pre- and post-activation;
-- LoRA saves its r-wide intermediate; DoRA also saves the base and LoRA outputs that the magnitude scales;
+- LoRA saves its r-wide intermediate; with dropout above 0 each adapter also saves its own dropped-out
+  copy of the module's input and the one-byte mask (PEFT's `lora_A(dropout(x))`; the shared input stays
+  counted too, which errs high by one copy); DoRA also saves the base and LoRA outputs that the magnitude
+  scales;
 - the loss: HF keeps the 16-bit logits in the model output, upcasts them to fp32, and cross-entropy
   keeps its fp32 log-softmax; in backward two more fp32 vocab-wide gradients exist at once. That is
   `(a + 12)·vocab` bytes per token (a = activation bytes), usually the largest single term.
@@ -81,6 +84,8 @@ def block_bytes_per_token(
         total += 2 * h  # BERT's two hidden-dropout masks (one byte per element)
     for module, rank in fp.adapters.items():
         total += a * rank
+        if fp.adapter_dropout:
+            total += (a + 1) * shapes[module][0]
         if fp.dora:
             total += 2 * a * shapes[module][1]
     return total

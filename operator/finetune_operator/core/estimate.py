@@ -14,15 +14,23 @@ Accounting, per trainable parameter (DeepSpeed's, since the operator runs DeepSp
 - SGD: no state. The HF Trainer's `sgd` is torch SGD without momentum; with momentum it would be one
   moment (4 bytes fp32), which this estimator does not model.
 
+The optimizer step: torch's foreach AdamW allocates about one moment-sized temporary over the parameters
+it steps (its `sqrt(v) + eps`); DeepSpeed steps the HF Trainer's optimizer on each rank's flat fp32
+partition, so under ZeRO-1/2/3 that is a partition's worth (12.6 GiB for Llama-2-7B full fine-tuning
+on 2 GPUs). The fused kernel (`training.fusedOptimizer`, the default) and the 8-bit optimizers update
+in place; under offload DeepSpeed's CPU Adam steps on the host.
+
 ZeRO shards across `world_size` ranks: stage 1 the optimizer (master copy, states, fp32 gradients),
 stage 2 also the 16-bit gradients, stage 3 also the parameters, plus the largest module gathered in
 full with its gradient before reduce-scatter (DeepSpeed's `4·largest_layer_params`). Offload moves the
 optimizer and fp32 gradients (and under `all` the parameters) to host memory; gradients then stream to
 host through the reduce buckets instead of staying on the GPU.
 
-Peak: the largest of two moments. At the start of backward all activations and the loss tensors are
+Peak: the largest of three moments. At the start of backward all activations and the loss tensors are
 alive, but (without gradient accumulation or ZeRO-2/3's persistent gradient buffers) only the LM
-head's gradient exists yet. At the optimizer step all gradients exist and activations are gone.
+head's gradient exists yet. At the optimizer step all gradients exist and activations are gone. While
+loading QLoRA (below ZeRO-3), PEFT's `prepare_model_for_kbit_training` upcasts every 16-bit weight that
+is not 4-bit (embeddings, norms, the LM head) to fp32; DeepSpeed casts them back when it wraps the model.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from finetune_operator.api.enums import Offload, Optimizer, Precision
+from finetune_operator.api.trainer import DeepSpeedBuckets
 from finetune_operator.core.activations import ActivationEstimate, activation_bytes
 from finetune_operator.core.methods import method_model
 from finetune_operator.core.methods.base import MethodFootprint, TrainingSetup
@@ -51,7 +60,7 @@ CUDA_CONTEXT_BYTES = 512 * 1024**2
 #: cannot reuse: torch's max_memory_reserved typically exceeds max_memory_allocated by 5-15%.
 FRAGMENTATION = 0.10
 #: DeepSpeed defaults in elements (deepspeed/runtime/zero/config.py): the reduce bucket and ZeRO-3's
-#: prefetch bucket. Each bucket is capped at what it could ever hold.
+#: prefetch bucket. The planner caps each at what it could ever hold (`bucket_sizes`) and renders them.
 REDUCE_BUCKET_ELEMS = 500_000_000
 PREFETCH_BUCKET_ELEMS = 50_000_000
 
@@ -66,7 +75,8 @@ class MemoryEstimate:
       or not they coexist — what DeepSpeed's model-state estimators count.
     - `activation_bytes`: activations at their own peak, even when another moment is the overall peak.
     - `host_bytes`: host memory per GPU (rank) for offloaded states; multiply by GPUs per node.
-    - `peak_phase`: "backward" or "optimizer_step".
+    - `peak_phase`: "backward", "optimizer_step" or "load".
+    - `buckets`: ZeRO's bucket sizes as counted, which the trainer config renders for DeepSpeed.
     """
 
     per_gpu_bytes: int
@@ -79,6 +89,9 @@ class MemoryEstimate:
     overhead: Mapping[str, int] = field(default_factory=dict)
     peak_phase: str = "backward"
     notes: tuple[str, ...] = ()
+    buckets: DeepSpeedBuckets = field(
+        default_factory=lambda: DeepSpeedBuckets(reduce=REDUCE_BUCKET_ELEMS, prefetch=PREFETCH_BUCKET_ELEMS)
+    )
 
 
 @dataclass(frozen=True)
@@ -103,9 +116,8 @@ def _per_param(setup: TrainingSetup) -> _PerParam:
         Optimizer.PAGED_ADAMW_8BIT: 2,
         Optimizer.SGD: 0,
     }[setup.optimizer]
-    # torch's foreach AdamW (no DeepSpeed) allocates about one moment-sized temporary during the step;
-    # DeepSpeed's fused and CPU Adam update in place.
-    step_temp = full_state if setup.optimizer == Optimizer.ADAMW and setup.zero_stage == 0 else 0
+    # torch's foreach AdamW allocates about one moment-sized temporary during the step; fused updates in place.
+    step_temp = full_state if setup.optimizer == Optimizer.ADAMW and not setup.fused_optimizer else 0
     return _PerParam(
         weight=weight,
         grad16=weight,
@@ -170,7 +182,7 @@ def estimate(setup: TrainingSetup) -> MemoryEstimate:
     grad16 = shard(pt * pp.grad16, 2)
     grad32 = shard(pt * pp.grad32, 1)
     live_grads = fp.trainable_largest_layer * pp.grad16 if stage == 3 else 0
-    step_temp = pt * pp.step_temp
+    step_temp = 0 if offload_opt else shard(pt * pp.step_temp, 1)
     host = 0
     if offload_opt:
         # Optimizer and fp32 gradients (fp32 even in pure 16-bit: DeepSpeed's CPU Adam works in fp32).
@@ -198,29 +210,32 @@ def estimate(setup: TrainingSetup) -> MemoryEstimate:
         resident_grads = 0
     step_grads = grad16 + grad32
 
-    buckets_bwd, buckets_step = _deepspeed_buffers(setup, pt, arch.total_params(), pp.grad16)
-    backward = {"gradients": resident_grads, "activations": acts.total, "buffers": buckets_bwd, "temp": 0}
-    step = {"gradients": step_grads, "activations": 0, "buffers": buckets_step, "temp": step_temp}
+    buckets = bucket_sizes(pt, arch.total_params())
+    buckets_bwd = _deepspeed_buffers(setup, buckets, pp.grad16)
+    # What each moment holds beside the weights; the optimizer states exist from the first step on.
+    none = {"weights": weights, "gradients": 0, "optimizer": optimizer, "activations": 0, "buffers": 0}
+    phases = {
+        "backward": none | {"gradients": resident_grads, "activations": acts.total, "buffers": buckets_bwd},
+        "optimizer_step": none | {"gradients": step_grads, "optimizer": optimizer + step_temp},
+        "load": none | {"weights": weights + _kbit_upcast(setup, fp), "optimizer": 0},
+    }
 
-    # The peak is the larger phase counted whole, fragmentation included: comparing the phases without it
-    # could pick the smaller one, and then more activations would lower the estimate.
-    def with_fragmentation(moment: dict[str, int]) -> int:
-        return sum(moment.values()) + int(FRAGMENTATION * (moment["gradients"] + moment["activations"]))
+    # The peak is the largest moment counted whole, fragmentation included: comparing them without it
+    # could pick a smaller one, and then more activations would lower the estimate.
+    def fragmentation(moment: dict[str, int]) -> int:
+        return int(FRAGMENTATION * (moment["gradients"] + moment["activations"]))
 
-    backward_total, step_total = with_fragmentation(backward), with_fragmentation(step)
-    phase, moment = ("backward", backward) if backward_total >= step_total else ("optimizer_step", step)
-
-    dynamic = moment["gradients"] + moment["activations"]
+    phase = max(phases, key=lambda name: sum(phases[name].values()) + fragmentation(phases[name]))
+    moment = phases[phase]
     overhead = {
         "cuda_context": CUDA_CONTEXT_BYTES,
-        "fragmentation": int(FRAGMENTATION * dynamic),
+        "fragmentation": fragmentation(moment),
         "deepspeed_buffers": moment["buffers"],
     }
-    optimizer_at_peak = optimizer + moment["temp"]
     breakdown = {
-        "weights": weights,
+        "weights": moment["weights"],
         "gradients": moment["gradients"],
-        "optimizer": optimizer_at_peak,
+        "optimizer": moment["optimizer"],
         "activations": moment["activations"],
         "overhead": sum(overhead.values()),
     }
@@ -246,19 +261,37 @@ def estimate(setup: TrainingSetup) -> MemoryEstimate:
         overhead=MappingProxyType(overhead),
         peak_phase=phase,
         notes=tuple(notes),
+        buckets=buckets,
     )
 
 
-def _deepspeed_buffers(setup: TrainingSetup, pt: int, total: int, grad_bytes: int) -> tuple[int, int]:
-    """(bytes during backward, bytes during the step) of ZeRO's communication buckets.
+def bucket_sizes(trainable_params: int, total_params: int) -> DeepSpeedBuckets:
+    """DeepSpeed's default buckets, each capped at what it could ever hold: the reduce bucket at the
+    trainable parameters' gradients, ZeRO-3's prefetch bucket at the parameters."""
+    return DeepSpeedBuckets(
+        reduce=max(1, min(REDUCE_BUCKET_ELEMS, trainable_params)),
+        prefetch=max(1, min(PREFETCH_BUCKET_ELEMS, total_params)),
+    )
 
-    The reduce bucket (and ZeRO-3's prefetch bucket) are allocated whatever the world size. The
-    all-gather after the step writes into the existing 16-bit parameter buffers in chunks of
-    `allgather_bucket_size`, so it adds no buffer of its own.
+
+def _deepspeed_buffers(setup: TrainingSetup, buckets: DeepSpeedBuckets, grad_bytes: int) -> int:
+    """Bytes of ZeRO's communication buckets during backward (the step needs none of its own).
+
+    ZeRO-1/2 allocate the reduce bucket in full at every backward, twice with overlap_comm (the
+    trainer turns it on on GPUs) so one bucket fills while the other reduces. ZeRO-3 keeps one reduce
+    bucket and gathers up to a prefetch bucket of parameters ahead of use. The all-gather after the
+    step writes into the existing 16-bit parameter buffers, so it adds no buffer of its own.
     """
     if setup.zero_stage == 0:
-        return 0, 0
-    reduce = min(REDUCE_BUCKET_ELEMS, pt) * grad_bytes
+        return 0
     if setup.zero_stage == 3:
-        return reduce + min(PREFETCH_BUCKET_ELEMS, total) * grad_bytes, 0
-    return reduce, 0
+        return (buckets.reduce + buckets.prefetch) * grad_bytes
+    return 2 * buckets.reduce * grad_bytes
+
+
+def _kbit_upcast(setup: TrainingSetup, fp: MethodFootprint) -> int:
+    """Extra bytes while QLoRA loads below ZeRO-3: the 16-bit weights that are not 4-bit, upcast to fp32
+    beside the 4-bit base (`fp.unquantized_params` of them, 2 more bytes each)."""
+    if not fp.unquantized_params or setup.zero_stage >= 3 or not setup.sixteen_bit:
+        return 0
+    return fp.unquantized_params * 2

@@ -15,6 +15,7 @@ from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, Method, Offload
 from finetune_operator.api.methods import METHODS, NO_ZERO3_METHODS, SETTINGS_BLOCKS
 from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus
 from finetune_operator.api.text import count, gib
+from finetune_operator.api.trainer import DeepSpeedBuckets
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
 from finetune_operator.core.calibration import underestimate_margins
 from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
@@ -58,6 +59,11 @@ class Plan:
     @property
     def per_gpu_bytes(self) -> int:
         return self.estimate.per_gpu_bytes
+
+    @property
+    def buckets(self) -> DeepSpeedBuckets:
+        """ZeRO's bucket sizes the estimate counts, rendered into the trainer config."""
+        return self.estimate.buckets
 
     @property
     def host_bytes_per_node(self) -> int:
@@ -149,6 +155,8 @@ def setup_for(spec: FineTuneJobSpec, arch: ModelArchitecture) -> TrainingSetup:
         double_quant=qlora.double_quant,
         trainable_layers=method.freeze_settings().trainable_layers,
         num_virtual_tokens=method.virtual_tokens(),
+        fused_optimizer=training.fused_optimizer,
+        lora_dropout=lora.dropout,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from finetune_operator.api.enums import Offload
 from finetune_operator.api.models import FineTuneJob
-from finetune_operator.api.trainer import ProgressSettings, ResolvedPaths, TrainerConfig
+from finetune_operator.api.trainer import DeepSpeedBuckets, ProgressSettings, ResolvedPaths, TrainerConfig
 
 #: Where the pod builder mounts claim X: /mnt/pvc/X.
 PVC_MOUNT_ROOT = "/mnt/pvc"
@@ -39,6 +39,8 @@ class PlanLike(Protocol):
     def offload(self) -> Offload: ...
     @property
     def per_gpu_bytes(self) -> int: ...
+    @property
+    def buckets(self) -> DeepSpeedBuckets | None: ...
 
 
 def pvc_mount_path(claim: str) -> str:
@@ -118,6 +120,7 @@ def render_trainer_config(
         offload=plan.offload,
         world_size=world_size if world_size is not None else plan.gpus,
         estimate_bytes=plan.per_gpu_bytes,
+        buckets=plan.buckets,
         progress=progress if progress is not None else ProgressSettings(reporter="pod-annotation"),
     )
 

@@ -24,6 +24,8 @@ class TrainingSetup:
     16-bit, optimizer states included (torchtune, litgpt "bf16-true", a bf16-loaded model under the HF
     Trainer). `gradient_accumulation_steps` > 1 keeps gradients alive through the next forward.
     `zero_stage` 0 means no ZeRO partitioning (plain data parallel); `world_size` is the data-parallel size.
+    `fused_optimizer`: AdamW steps in torch's fused kernel (no step temporary). `lora_dropout` above 0
+    gives every adapted module its own dropped-out copy of its input, saved for backward.
     """
 
     arch: ModelArchitecture
@@ -45,6 +47,8 @@ class TrainingSetup:
     num_virtual_tokens: int = 20
     master_weights: bool = True
     gradient_accumulation_steps: int = 1
+    fused_optimizer: bool = True
+    lora_dropout: float = 0.0
 
     @property
     def sixteen_bit(self) -> bool:
@@ -64,6 +68,8 @@ class MethodFootprint:
     - `extra_seq_tokens`: prompt tuning's virtual tokens, prepended to every sequence.
     - `extra_kv_tokens`: prefix tuning's virtual keys and values, seen by every layer's attention.
     - `dequant_elems`: elements of the largest weight dequantized on the fly (QLoRA's working buffer).
+    - `adapter_dropout`: each adapter saves its own dropped-out input and mask (LoRA dropout above 0).
+    - `unquantized_params`: with a 4-bit base, the parameters left in 16-bit (embeddings, norms, head).
     """
 
     trainable_params: int
@@ -78,6 +84,8 @@ class MethodFootprint:
     extra_kv_tokens: int = 0
     dequant_elems: int = 0
     trainable_largest_layer: int = 0
+    adapter_dropout: bool = False
+    unquantized_params: int = 0
 
 
 class MethodModel(Protocol):

@@ -79,10 +79,12 @@ class LoraMethod:
         trainable = per_block * arch.num_layers
         wbytes = weight_bytes_per_param(setup.precision)
         base = arch.total_params()
+        unquantized = 0
         if self.traits.quantized:
             linear = sum(i * o for i, o in shapes.values()) * arch.num_layers
             bits = BITS_PER_QUANT_WEIGHT_DOUBLE if setup.double_quant else BITS_PER_QUANT_WEIGHT
-            frozen = int(linear * bits / 8) + (base - linear) * wbytes
+            unquantized = base - linear
+            frozen = int(linear * bits / 8) + unquantized * wbytes
             dequant = max(i * o for i, o in shapes.values())
         else:
             frozen = base * wbytes
@@ -94,4 +96,6 @@ class LoraMethod:
             dora=self.traits.dora,
             dequant_elems=dequant,
             trainable_largest_layer=max(r * (shapes[m][0] + shapes[m][1]) for m in modules),
+            adapter_dropout=setup.lora_dropout > 0,
+            unquantized_params=unquantized,
         )
