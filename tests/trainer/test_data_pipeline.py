@@ -13,7 +13,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune_operator.api.models import DatasetSpec
-from finetune_trainer.data import DataBundle, DataError, FlatteningCollator, PaddingCollator, build_datasets
+from finetune_trainer.data import (
+    DataBundle,
+    DataError,
+    FlatteningCollator,
+    PackedRowsCollator,
+    PaddingCollator,
+    build_datasets,
+)
 from finetune_trainer.data.formats import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, Example
 from finetune_trainer.data.packing import pack, position_ids, split_indices
 
@@ -138,34 +145,57 @@ def test_packing_instruction_data_never_splits_an_example(
     assert sorted(pieces) == examples  # every example whole, in one block, with its own masks
     assert len(packed.train) < len(plain.train)
     assert "attention_mask" not in packed.train.column_names
-    assert isinstance(packed.collator, FlatteningCollator)
+    assert isinstance(packed.collator, PackedRowsCollator)
 
 
 @pytest.mark.parametrize(
-    ("format", "spec", "can_share_rows", "flattened"),
+    ("format", "spec", "can_share_rows", "varlen", "collator"),
     [
-        ("text", {}, True, True),  # padding-free by default
-        ("alpaca", {}, True, True),
-        ("text", {"padding_free": False}, True, False),
-        ("text", {}, False, False),  # prefix and prompt tuning: a row each, padded
-        ("classification", {"num_labels": 2}, True, False),  # one label per example: padded
+        # flash_attention_2 reads boundaries from one flattened row's position ids: padding-free
+        ("text", {}, True, True, FlatteningCollator),
+        ("alpaca", {}, True, True, FlatteningCollator),
+        ("text", {"packing": True}, True, True, FlatteningCollator),
+        ("text", {"padding_free": False}, True, True, PaddingCollator),
+        ("text", {}, False, True, PaddingCollator),  # prefix and prompt tuning: a row each, padded
+        ("classification", {"num_labels": 2}, True, True, PaddingCollator),  # one label per example
+        # SDPA and eager: a flattened row would cost the batch's tokens squared in attention
+        ("text", {}, True, False, PaddingCollator),
+        ("text", {"packing": True}, True, False, PackedRowsCollator),
     ],
 )
-def test_unpacked_batches_are_padding_free_where_examples_may_share_a_row(
+def test_the_collator_follows_the_attention_kernel_and_what_may_share_a_row(
     tmp_path: Path,
     tiny_tokenizer: PreTrainedTokenizerBase,
     format: str,
     spec: dict[str, Any],
     can_share_rows: bool,
-    flattened: bool,
+    varlen: bool,
+    collator: type,
 ) -> None:
     record = {"text": "Hi.", "label": 1, "instruction": "Say hi.", "output": "Hi."}
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(record) + "\n")
     bundle = build_datasets(
-        DatasetSpec(uri=str(path), format=format, **spec), tiny_tokenizer, can_share_rows=can_share_rows
+        DatasetSpec(uri=str(path), format=format, **spec),
+        tiny_tokenizer,
+        can_share_rows=can_share_rows,
+        varlen_attention=varlen,
     )
-    assert isinstance(bundle.collator, FlatteningCollator if flattened else PaddingCollator)
+    assert type(bundle.collator) is collator
+
+
+def test_packed_rows_collator_stacks_blocks_and_pads_as_a_segment_of_its_own() -> None:
+    batch = PackedRowsCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1]},
+            {"input_ids": [3, 4], "labels": [-100, 4], "position_ids": [0, 1]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [3, 4, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    # each example's first label is ignored (the previous example's last token must not predict it)
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 4, -100, -100, -100]]
+    assert "attention_mask" not in batch
 
 
 def test_flattening_collator_makes_one_row_with_position_ids() -> None:

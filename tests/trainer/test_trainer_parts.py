@@ -18,7 +18,13 @@ from finetune_operator.api.methods import NO_ZERO3_METHODS
 from finetune_operator.api.models import DatasetSpec
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport, TrainerConfig
 from finetune_trainer import checkpoints, methods
-from finetune_trainer.data import DataBundle, FlatteningCollator, PaddingCollator, build_datasets
+from finetune_trainer.data import (
+    DataBundle,
+    FlatteningCollator,
+    PackedRowsCollator,
+    PaddingCollator,
+    build_datasets,
+)
 from finetune_trainer.deepspeed import render_deepspeed_config
 from finetune_trainer.exit_codes import ConfigurationError
 from finetune_trainer.methods import REGISTRY
@@ -173,42 +179,53 @@ def build(config: TrainerConfig) -> torch.nn.Module:
     return method.apply(base, config)
 
 
-@pytest.mark.parametrize("layout", ["packed", "padding-free"])
+@pytest.mark.parametrize("layout", ["packed rows", "flattened"])
 @pytest.mark.parametrize("attention", [AttentionImpl.SDPA, AttentionImpl.EAGER])
 def test_examples_sharing_a_row_do_not_attend_to_each_other(
     tmp_path: Path, tiny_llama_dir: Path, attention: AttentionImpl, layout: str
 ) -> None:
-    """Through the model as the trainer loads it, a packed block's or a padding-free batch's logits and
-    loss are those of each example alone, padded: attention and positions restart at every example (in
-    the old packing, and with the KV cache left on, the later examples attended to the earlier ones)."""
+    """Through the model as the trainer loads it, each example's logits and the batch's loss are those of
+    the examples alone, padded: in a batch of packed blocks (rows of different lengths, the shorter one
+    padded) and in one flattened row, attention and positions restart at every example (in the old
+    packing, and with the KV cache left on, the later examples attended to the earlier ones)."""
     config = config_for(tiny_llama_dir, {"type": "full"})
     config.model.attention_implementation = attention
     tokenizer = load_tokenizer(config)
     model = load_model(config, tokenizer).eval()
-    texts = ["The cat sleeps in the sun.", "A dog runs after the red ball.", "Rain falls on the old roof."]
+    texts = [
+        "The cat sleeps in the sun.",
+        "A dog runs after the red ball.",
+        "Rain falls on the old roof.",
+        "My neighbour reads a long book every evening.",
+        "Hi.",
+    ]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
 
     def bundle(**spec: Any) -> DataBundle:
-        return build_datasets(
-            DatasetSpec(uri=str(data), format="text", max_seq_length=128, **spec), tokenizer
-        )
+        return build_datasets(DatasetSpec(uri=str(data), format="text", max_seq_length=24, **spec), tokenizer)
 
-    shared = bundle(packing=layout == "packed")
     plain = bundle(padding_free=False)
-    assert isinstance(shared.collator, FlatteningCollator) and isinstance(plain.collator, PaddingCollator)
-    batch = shared.collator(list(shared.train))  # one packed block, or the three examples
-    row, positions = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
-    starts = [p for p, position in enumerate(positions) if position == 0]
-    assert batch["input_ids"].shape[0] == 1 and len(starts) == len(texts) and "attention_mask" not in batch
+    assert isinstance(plain.collator, PaddingCollator)
+    if layout == "packed rows":
+        packed = bundle(packing=True)
+        assert isinstance(packed.collator, PackedRowsCollator) and len(packed.train) >= 2
+        batch = packed.collator(list(packed.train))
+        assert len({len(row) for row in packed.train["input_ids"]}) > 1  # one row is padded
+    else:
+        batch = FlatteningCollator()(list(plain.train))
+        assert batch["input_ids"].shape[0] == 1
+    assert "attention_mask" not in batch
+    rows, positions = batch["input_ids"].tolist(), batch["position_ids"].tolist()
+    starts = [(r, p) for r, row in enumerate(positions) for p, position in enumerate(row) if position == 0]
     with torch.no_grad():
         together = model(**batch)
         weighted, targets = torch.tensor(0.0), 0
         for example in plain.train:
             alone = model(**plain.collator([example]))
             length = len(example["input_ids"])
-            start = next(s for s in starts if row[s : s + length] == example["input_ids"])
-            torch.testing.assert_close(together.logits[0, start : start + length], alone.logits[0])
+            r, start = next((r, p) for r, p in starts if rows[r][p : p + length] == example["input_ids"])
+            torch.testing.assert_close(together.logits[r, start : start + length], alone.logits[0])
             weighted, targets = weighted + alone.loss * (length - 1), targets + length - 1
     torch.testing.assert_close(together.loss, weighted / targets)
 

@@ -357,6 +357,7 @@ def setup(config: TrainerConfig, preemption: Preemption) -> Session:
             local_path=config.paths.dataset,
             cache_root=config.paths.output,
             can_share_rows=METHODS[config.method.type].packing,
+            varlen_attention=config.model.attention_implementation == AttentionImpl.FLASH_ATTENTION_2,
         )
     quantization = method.quantization(config)
     device_map = None

@@ -172,9 +172,10 @@ class DatasetSpec(ApiModel):
     padding_free: bool = Field(
         default=True,
         description=(
-            "Batch unpacked examples one after another in a single row, position ids restarting per "
-            "example, instead of right-padding them to the longest: no compute on padding, the same "
-            "targets. Language-modelling formats only, and not for prefix or prompt tuning (always padded)."
+            "With flash_attention_2, batch unpacked examples one after another in a single row, position "
+            "ids restarting per example, instead of right-padding them to the longest: no compute on "
+            "padding, the same targets. SDPA and eager attention would pay for the row's length squared, so "
+            "their batches stay padded, as do prefix and prompt tuning and classification."
         ),
     )
     validation_split: float = Field(

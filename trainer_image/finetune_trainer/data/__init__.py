@@ -5,9 +5,10 @@ format, see `formats.FORMATS`) → truncate → drop examples with nothing left 
 validation set → pack → Arrow data sets plus a padding collator. Every problem with the data raises
 `DataError` naming the file, record index and field; the trainer exits with its configuration-error code.
 
-Packed data keeps whole examples per block with position ids that restart per example, batched by
-`FlatteningCollator` so attention stays within each example. Unpacked language-modelling data is batched
-the same way (`dataset.paddingFree`, the default), or padded per batch.
+Packed data keeps whole examples per block with position ids that restart per example, so attention
+stays within each example: the blocks are a batch's rows (`PackedRowsCollator`), or with
+flash_attention_2 one flattened row (`FlatteningCollator`), as unpacked language-modelling data is then
+too (`dataset.paddingFree`). Otherwise unpacked data is padded per batch.
 
 With `cache_root` (the job's output directory) the result is cached there and loaded instead of built
 whenever the data, tokenizer and settings are the same (see `cache`).
@@ -26,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from finetune_trainer.data import cache
 from finetune_trainer.data.bundle import DataBundle
 from finetune_trainer.data.cache import Collator
-from finetune_trainer.data.collate import FlatteningCollator, PaddingCollator
+from finetune_trainer.data.collate import FlatteningCollator, PackedRowsCollator, PaddingCollator
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import (
     FORMATS,
@@ -62,6 +63,7 @@ __all__ = [
     "DataBundle",
     "DataError",
     "FlatteningCollator",
+    "PackedRowsCollator",
     "PaddingCollator",
     "build_datasets",
     "resolve_local_path",
@@ -78,19 +80,23 @@ def build_datasets(
     local_path: str | None = None,
     cache_root: str | Path | None = None,
     can_share_rows: bool = True,
+    varlen_attention: bool = False,
 ) -> DataBundle:
     """Build the training (and validation) data for `spec`, or load it from the cache under `cache_root`.
 
     `local_path` is where the recipe found the data (pvc:// already resolved with `resolve_local_path`);
     without it `spec.uri` is read directly: hf://ORG/NAME from the hub (`spec.split`), file:// or a path.
     `can_share_rows` is False for a method whose examples must each have a row of their own (prefix and
-    prompt tuning: the method table's `packing` trait); their batches are padded.
+    prompt tuning: the method table's `packing` trait); their batches are padded. `varlen_attention`: the
+    attention kernel takes sequence boundaries from one flattened row's position ids (flash_attention_2),
+    so batches are flattened (see `collate`).
     """
     path = _local_path(spec, local_path)
     fmt = FORMATS[spec.format]
     if fmt.task == "classification" and spec.packing:
         raise DataError("dataset.packing: packing is only for the language-modelling formats")
-    collator = _collator(spec, tokenizer, flatten=fmt.task == "causal-lm" and can_share_rows)
+    flatten = varlen_attention and fmt.task == "causal-lm" and can_share_rows
+    collator = _collator(spec, tokenizer, flatten=flatten)
     key = cache.cache_key(spec, tokenizer, seed, path) if cache_root is not None else None
     if cache_root is not None and key is not None:
         bundle = cache.load_or_build(
@@ -150,14 +156,14 @@ def _sizes(bundle: DataBundle) -> tuple[int, int]:
 
 
 def _collator(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, *, flatten: bool) -> Collator:
-    """Packed rows are always flattened; unpacked examples too with `dataset.paddingFree` where they may
-    share a row (`flatten`), else padded."""
-    if spec.packing or (spec.padding_free and flatten):
+    """With a variable-length kernel (`flatten`) packed blocks, and with `dataset.paddingFree` unpacked
+    examples, become one flattened row; otherwise packed blocks are stacked rows and examples padded."""
+    if flatten and (spec.packing or spec.padding_free):
         return FlatteningCollator()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not isinstance(pad, int):
         raise DataError("tokenizer: no pad or eos token to pad batches with")
-    return PaddingCollator(pad_token_id=pad)
+    return PackedRowsCollator(pad_token_id=pad) if spec.packing else PaddingCollator(pad_token_id=pad)
 
 
 def _local_path(spec: DatasetSpec, local_path: str | None) -> str | None:

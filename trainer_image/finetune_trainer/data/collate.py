@@ -1,4 +1,5 @@
-"""Batching: right-pad every example of a batch to the longest one, or flatten the batch into one row."""
+"""Batching: right-pad every example of a batch to the longest one, stack packed blocks as rows, or flatten
+the batch into one row."""
 
 from __future__ import annotations
 
@@ -50,16 +51,31 @@ def _padded(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Ten
     return out
 
 
+def _segments(feature: Mapping[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """input_ids, labels and position ids of one row of whole examples (a packed block, or one example).
+
+    The position ids restart at 0 where an example starts (a packed block's `position_ids` column, else
+    0… for the one example), and there each label is IGNORE_INDEX, so the previous example's last token
+    does not learn to predict the next example's first.
+    """
+    positions = feature.get("position_ids") or list(range(len(feature["input_ids"])))
+    labels = [
+        IGNORE_INDEX if position == 0 else label
+        for position, label in zip(positions, feature["labels"], strict=True)
+    ]
+    return list(feature["input_ids"]), labels, list(positions)
+
+
 @dataclass(frozen=True)
 class FlatteningCollator:
-    """Padding-free batches: a batch's examples one after another in a single row, with position ids.
+    """Padding-free batches: a batch's rows one after another in a single row, with position ids.
 
-    input_ids, labels and position_ids of shape [1, total tokens], no attention mask and no padding:
-    the position ids restart at 0 where an example starts (a packed block's `position_ids` column, else
-    0… per example), which is how transformers keeps attention within each example (its block-diagonal
-    mask for eager and SDPA attention, variable-length kernels for flash-attention), as its own
-    `DataCollatorWithFlattening` does. The label of each example's first token is IGNORE_INDEX, so the
-    previous example's last token does not learn to predict it. Only for per-token (causal-LM) labels.
+    input_ids, labels and position_ids of shape [1, total tokens], no attention mask and no padding, as
+    transformers' `DataCollatorWithFlattening`. Only for flash_attention_2, which takes the sequence
+    boundaries from the position ids of a single row (variable-length kernels: each example costs its own
+    length squared). SDPA and eager attention would see one long sequence, with a block-diagonal mask:
+    attention over the whole batch's tokens squared, up to the micro batch size times what padded rows
+    cost. Only for per-token (causal-LM) labels.
     """
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -69,15 +85,37 @@ class FlatteningCollator:
         labels: list[int] = []
         positions: list[int] = []
         for feature in features:
-            row_positions = feature.get("position_ids") or list(range(len(feature["input_ids"])))
-            ids.extend(feature["input_ids"])
-            positions.extend(row_positions)
-            labels.extend(
-                IGNORE_INDEX if position == 0 else label
-                for position, label in zip(row_positions, feature["labels"], strict=True)
-            )
+            row_ids, row_labels, row_positions = _segments(feature)
+            ids += row_ids
+            labels += row_labels
+            positions += row_positions
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
         }
+
+
+@dataclass(frozen=True)
+class PackedRowsCollator:
+    """Packed blocks as rows of a batch, for SDPA and eager attention: [batch, longest block].
+
+    No attention mask: transformers builds each row's mask from its position ids (examples restart at
+    0, so each attends only to itself). A shorter block is padded with `pad_token_id`, labels
+    IGNORE_INDEX and position ids 0, 1, …: the padding is a segment of its own that no example sees.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        rows = [_segments(feature) for feature in features]
+        length = max(len(ids) for ids, _, _ in rows)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for ids, labels, positions in rows:
+            pad = length - len(ids)
+            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
+            batch["labels"].append(labels + [IGNORE_INDEX] * pad)
+            batch["position_ids"].append(positions + list(range(pad)))
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
