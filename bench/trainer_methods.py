@@ -8,8 +8,15 @@ It builds a randomly initialised model with the shapes of a catalogue model (def
 its vocabulary, widths, layers and heads; nothing is downloaded), writes synthetic text, and trains each
 method through `ftctl train`, the rendering and trainer the pods run. Each run's `training_summary.json`
 holds the peak memory torch measured (`max_memory_allocated`/`max_memory_reserved`) and the plan's
-per-GPU estimate; this script puts them side by side. Without a GPU, `--tiny` runs the same path on CPU
-with a two-layer model (no GPU memory to report): that is how tests/trainer checks the script.
+per-GPU estimate; this script puts them side by side, with tokens/s beside a plain HF Trainer run of the
+same settings (`hf_baseline.py`; `--no-baseline` skips it) and the model FLOPs utilisation of both.
+Without a GPU, `--tiny` runs the same path on CPU with a two-layer model (no GPU memory or MFU to
+report): that is how tests/trainer checks the script.
+
+MFU = tokens/s x FLOPs per token / the GPU's dense bf16 peak. FLOPs per token, as PaLM's appendix B
+counts them: 2N forward and 2N backward through the N matmul parameters (input embeddings excluded),
+2 more per trainable parameter for its weight gradient (6N for full fine-tuning), and 12·L·h·s for
+attention over a sequence of s (recomputation under gradient checkpointing is not counted).
 """
 
 from __future__ import annotations
@@ -34,9 +41,19 @@ from finetune_operator.core.architecture import ModelArchitecture, catalogue_arc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the trainer tests' offline tokenizer (tests/trainer/tokenizer.py)
+from bench.hf_baseline import run_baseline  # noqa: E402
 from tests.trainer.tokenizer import build_tiny_tokenizer, corpus  # noqa: E402
 
 GIB = 2**30
+#: Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets), for MFU.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
 #: Adapter methods learn faster than the whole model; the numbers are typical, not tuned.
 LEARNING_RATES = {Method.FULL: 1e-5, Method.FREEZE: 1e-5}
 
@@ -140,7 +157,38 @@ def run_method(method: Method, model: Path, data: Path, args: argparse.Namespace
     if code != 0:
         return {"method": method.value, "exitCode": code}
     summary = json.loads((workdir / "out" / "training_summary.json").read_text())
-    return row(summary)
+    measured = row(summary)
+    flops = flops_per_token(model, summary["totalParams"], summary["trainableParams"], args.seq_len)
+    measured["mfu"] = mfu(measured["tokensPerSecond"], flops)
+    if args.baseline:
+        settings = {
+            k: getattr(args, k) for k in ("steps", "seq_len", "micro_batch", "gradient_checkpointing")
+        }
+        hf = run_baseline(method, model, data, settings, args.workdir)
+        measured |= {
+            "hfTokensPerSecond": hf["tokensPerSecond"],
+            "speedupOverHf": round(measured["tokensPerSecond"] / hf["tokensPerSecond"], 3),
+            "hfMfu": mfu(hf["tokensPerSecond"], flops),
+            "hfPeakReservedGiB": hf["peakReservedGiB"],
+        }
+    return measured
+
+
+def flops_per_token(model: Path, total: int, trainable: int, seq_len: int) -> float:
+    """Training FLOPs per token of the saved model (see the module docstring)."""
+    config = json.loads((model / "config.json").read_text())
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    matmul = total - int(config["vocab_size"]) * hidden  # the input embeddings are a lookup
+    return 4.0 * matmul + 2 * trainable + 12 * layers * hidden * seq_len
+
+
+def mfu(tokens_per_second: float, flops: float) -> float | None:
+    """Model FLOPs utilisation on this machine's GPU; None on CPU or an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    peak = next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
+    return None if peak is None else round(tokens_per_second * flops / peak, 4)
 
 
 def row(summary: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +226,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train each method with a plain HF Trainer (bench/hf_baseline.py) for tokens/s",
+    )
     parser.add_argument(
         "--tiny", action="store_true", help="a two-layer model: a CPU smoke run of this script"
     )

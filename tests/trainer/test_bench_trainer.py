@@ -1,8 +1,8 @@
 """bench/trainer_methods.py, the GPU benchmark of each method, run end to end on CPU with `--tiny`.
 
 On CPU there is no GPU memory to measure, so this checks the path a GPU session relies on: the model
-built from catalogue shapes, `ftctl train`, the summary read back and the row written with the
-command that made it.
+built from catalogue shapes, `ftctl train`, the summary read back, the plain HF Trainer run beside it
+and the row written with the command that made it.
 """
 
 from __future__ import annotations
@@ -38,5 +38,8 @@ def test_trainer_benchmark_runs_a_method_and_writes_its_row(tmp_path: Path) -> N
     assert 0 < row["trainableParams"] < row["totalParams"] / 10
     assert row["tokensPerSecond"] > 0 and row["estimatedGiB"] > 0
     assert row["peakReservedGiB"] is None and row["estimateError"] is None  # CPU: nothing to compare
+    for measured in (row, prefix):  # beside a plain HF Trainer run of the same settings
+        assert measured["hfTokensPerSecond"] > 0 and measured["speedupOverHf"] > 0
+        assert measured["mfu"] is None and measured["hfMfu"] is None  # no GPU peak to divide by
     config = json.loads((tmp_path / "work" / "model" / "config.json").read_text())
     assert config["model_type"] == "qwen2"  # Qwen2.5 has q/k/v biases: built as Qwen2, not Llama
