@@ -113,6 +113,7 @@ def test_infeasible_job_says_what_would_fit() -> None:
             "model.name": "meta-llama/Llama-2-7b-hf",
             "method": {"type": "full"},
             "resources.gpuType": "T4",
+            "training.precision": "fp16",  # a T4 has no bf16
             "resources.gpusPerNode": 1,
             "training.gradientCheckpointing": False,
             "distributed.zeroStage": 0,
@@ -300,3 +301,21 @@ def test_suggestions_are_not_repeated() -> None:
     result = plan(job)
     assert not result.fits and len(result.suggestions) >= 2
     assert len(set(result.suggestions)) == len(result.suggestions)
+
+
+@pytest.mark.parametrize(
+    ("changes", "refused"),
+    [
+        ({}, "training.precision bf16: T4 GPUs have no bfloat16"),
+        ({"method": {"type": "qlora"}, "training.precision": "fp16"}, "method.qlora.computeDtype bf16"),
+        ({"training.precision": "fp16"}, None),
+        ({"resources.gpuType": "A100-80GB"}, None),
+    ],
+)
+def test_bf16_is_refused_on_gpus_without_it(changes: dict[str, Any], refused: str | None) -> None:
+    job = spec(**{"resources.gpuType": "T4", "resources.gpusPerNode": 1, **changes})
+    if refused is None:
+        plan(job)
+    else:
+        with pytest.raises(PlanningError, match=refused):
+            plan(job)

@@ -11,9 +11,9 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, Method, Offload
+from finetune_operator.api.enums import OFFLOAD_OPTIMIZERS, Method, Offload, Precision
 from finetune_operator.api.methods import METHODS, NO_ZERO3_METHODS, SETTINGS_BLOCKS
-from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus
+from finetune_operator.api.models import FineTuneJobSpec, ModelSpec, PlanStatus, QLoraSpec
 from finetune_operator.api.text import count, gib
 from finetune_operator.api.trainer import DeepSpeedBuckets
 from finetune_operator.core.architecture import ModelArchitecture, catalogue_architecture
@@ -121,7 +121,8 @@ def architecture_for(model: ModelSpec) -> ModelArchitecture:
 
 
 def gpu_memory_bytes(spec: FineTuneJobSpec) -> tuple[int, str | None]:
-    """Memory per GPU and the product name; `gpuMemoryGiB` overrides the product's number."""
+    """Memory per GPU and the product name; `gpuMemoryGiB` overrides the product's number. A GPU without
+    bfloat16 (before Ampere: T4, V100) cannot run a bf16 job: DeepSpeed refuses it at start."""
     resources = spec.resources
     product = None
     if resources.gpu_type is not None:
@@ -129,6 +130,22 @@ def gpu_memory_bytes(spec: FineTuneJobSpec) -> tuple[int, str | None]:
             product = gpu_model(resources.gpu_type)
         except ValueError as exc:
             raise PlanningError(str(exc)) from exc
+        bf16 = [
+            field
+            for field, precision in (
+                ("training.precision", spec.training.precision),
+                (
+                    "method.qlora.computeDtype",
+                    spec.method.qlora_settings().compute_dtype if spec.method.type == Method.QLORA else None,
+                ),
+            )
+            if precision == Precision.BF16
+        ]
+        if bf16 and not product.bf16:
+            raise PlanningError(
+                f"{' and '.join(bf16)} bf16: {product.name} GPUs have no bfloat16 (it came with Ampere); "
+                "use fp16, or a newer GPU"
+            )
     if resources.gpu_memory_gi_b is not None:
         return int(resources.gpu_memory_gi_b * GIB), product.name if product else None
     assert product is not None  # the API rules require one of the two
@@ -362,7 +379,10 @@ def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, FineTuneJobSpec]
     if traits.cheaper is not None:
         # Keep only the settings blocks the cheaper method reads (LoRA's adapters carry over to QLoRA).
         kept = set(METHODS[traits.cheaper].settings)
-        blocks = {block: None for block in SETTINGS_BLOCKS if block not in kept}
+        blocks: dict[str, QLoraSpec | None] = {block: None for block in SETTINGS_BLOCKS if block not in kept}
+        if METHODS[traits.cheaper].quantized and training.precision != Precision.FP32:
+            # 4-bit matmuls compute in the precision the job already trains in (fp16 on pre-Ampere GPUs)
+            blocks["qlora"] = QLoraSpec(compute_dtype=training.precision)
         method = spec.method.model_copy(update={"type": traits.cheaper, **blocks})
         label.append(METHOD_LABELS.get(traits.cheaper, traits.cheaper.value))
         yield " + ".join(label), spec.model_copy(update={"method": method})
@@ -372,7 +392,10 @@ def _suggestions(spec: FineTuneJobSpec, arch: ModelArchitecture, max_gpus: int) 
     """Which cheaper variants would fit, and on how many GPUs (the requested count, when one is fixed)."""
     suggestions = []
     for label, variant in _alternatives(spec):
-        alternative = plan(variant, arch, max_gpus, explain=False)
+        try:
+            alternative = plan(variant, arch, max_gpus, explain=False)
+        except PlanningError:  # a variant this GPU cannot run at all (bf16 compute on a T4)
+            continue
         if alternative.fits:
             zero = f"ZeRO-{alternative.zero_stage}" + (
                 "" if alternative.offload == Offload.NONE else f" with {alternative.offload.value} offload"
