@@ -15,7 +15,7 @@ class DataBundle:
     """What the recipe trains on."""
 
     #: Columns input_ids, labels (per-token with -100 = no loss; one int for classification), and
-    #: attention_mask, or position_ids when packed.
+    #: position_ids when packed; int32 tokens. The collators make the attention masks.
     train: datasets.Dataset
     #: The held-out `validationSplit` part, encoded and packed the same way; None when the split is 0.
     eval: datasets.Dataset | None
