@@ -181,6 +181,18 @@ EXAMPLES: dict[tuple[str, str], RuleExample] = {
         reject=_both(_method(type="full"), _at("output", saveMerged=True)),
         accept=_both(_method(type="dora"), _at("output", saveMerged=True)),
     ),
+    ("spec.training", "training.pureBf16 needs training.precision bf16"): RuleExample(
+        reject=_at("training", pureBf16=True, precision="fp16"),
+        accept=_at("training", pureBf16=True),
+    ),
+    (
+        "spec",
+        "training.pureBf16 does not run with distributed.offload optimizer/all (DeepSpeed's CPU Adam keeps "
+        "fp32 states); use none or auto",
+    ): RuleExample(
+        reject=_both(_spec(distributed={"offload": "optimizer"}), _spec(training={"pureBf16": True})),
+        accept=_both(_spec(distributed={"offload": "auto"}), _spec(training={"pureBf16": True})),
+    ),
     (
         "spec",
         "distributed.offload optimizer/all needs training.optimizer adamw (DeepSpeed CPU Adam)",
@@ -213,6 +225,13 @@ EXAMPLES |= {
         "create a new FineTuneJob",
     ): RuleExample(
         reject=_at("training", precision="fp32"), accept=_at("training", precision="bf16", epochs=1)
+    ),
+    (
+        "spec",
+        f"spec.training.pureBf16 {IMMUTABLE} (its checkpoints hold optimizer states with or without fp32 "
+        "master weights); create a new FineTuneJob",
+    ): RuleExample(
+        reject=_at("training", pureBf16=True), accept=_at("training", pureBf16=False, useLigerKernel=False)
     ),
 }
 

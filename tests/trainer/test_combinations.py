@@ -1,7 +1,7 @@
 """Every combination the API accepts trains, or is refused at `kubectl apply` with a message naming a field.
 
 The space is the method table's methods × precision × QLoRA compute dtype × gradient checkpointing ×
-attention kernel × ZeRO stage × packing: about 1,300 specs.
+attention kernel × ZeRO stage × packing × pure bf16: about 2,600 specs.
 
 - Each of them goes through the admission verdict (`core/admission.review`: the API models' rules,
   the CEL twins of which the contract tests check, then the planner and the operator's checks). What
@@ -57,6 +57,7 @@ FIELDS = (
     "attentionImplementation",
     "precision",
     "computeDtype",
+    "pureBf16",
 )
 
 
@@ -69,12 +70,14 @@ class Combination:
     attention: AttentionImpl
     zero_stage: int
     packing: bool
+    pure_bf16: bool = False
 
     def __str__(self) -> str:
         compute = f"/{self.compute_dtype.value}" if self.compute_dtype else ""
         return (
             f"{self.method.value} {self.precision.value}{compute} ckpt={int(self.checkpointing)} "
             f"{self.attention.value} zero{self.zero_stage} pack={int(self.packing)}"
+            f"{' pure' if self.pure_bf16 else ''}"
         )
 
     def values(self) -> tuple[tuple[str, object], ...]:
@@ -89,11 +92,11 @@ class Combination:
 
 
 def every_combination() -> Iterator[Combination]:
-    for method, precision, checkpointing, attention, stage, packing in itertools.product(
-        Method, Precision, (False, True), AttentionImpl, range(4), (False, True)
+    for method, precision, checkpointing, attention, stage, packing, pure in itertools.product(
+        Method, Precision, (False, True), AttentionImpl, range(4), (False, True), (False, True)
     ):
         for compute in Precision if method == Method.QLORA else (None,):
-            yield Combination(method, precision, compute, checkpointing, attention, stage, packing)
+            yield Combination(method, precision, compute, checkpointing, attention, stage, packing, pure)
 
 
 def job(combination: Combination) -> dict[str, Any]:
@@ -114,6 +117,7 @@ def job(combination: Combination) -> dict[str, Any]:
             "training": {
                 "precision": combination.precision.value,
                 "gradientCheckpointing": combination.checkpointing,
+                "pureBf16": combination.pure_bf16,
             },
             "resources": {"gpuType": "A100-80GB", "gpus": 2, "gpusPerNode": 2},
             "distributed": {"zeroStage": combination.zero_stage},
@@ -218,6 +222,7 @@ def test_an_admitted_combination_trains(
             "loggingSteps": 2,
             "precision": combination.precision.value,
             "gradientCheckpointing": combination.checkpointing,
+            "pureBf16": combination.pure_bf16,
         },
         checkpointing={"saveSteps": 4},
     )

@@ -288,6 +288,19 @@ def test_deepspeed_precision_follows_the_spec(precision: Precision, bf16: bool, 
         assert ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
 
 
+@pytest.mark.parametrize(
+    ("stage", "bf16"),
+    [
+        (0, {"enabled": False}),  # torch's AdamW steps the bf16 parameters (DeepSpeed's would keep fp32)
+        (1, {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}),
+        (3, {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}),
+    ],
+)
+def test_pure_bf16_keeps_deepspeeds_master_states_in_bf16(stage: int, bf16: dict[str, bool]) -> None:
+    assert ds_for(stage, pureBf16=True)["bf16"] == bf16
+    assert ds_for(stage)["bf16"] == {"enabled": True}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_the_deepspeed_buckets_are_the_ones_the_plans_estimate_counts(stage: int) -> None:
     job = example_job(distributed={"zeroStage": stage})

@@ -415,3 +415,65 @@ def test_adamw_steps_fused_unless_switched_off(optimizer: Optimizer, fused: bool
 
     assert TrainingSpec().fused_optimizer is True
     assert optimizer_name(TrainingSpec(optimizer=optimizer, fused_optimizer=fused)) == name
+
+
+@pytest.mark.parametrize(
+    ("switch", "gpu", "classification", "applies"),
+    [
+        (True, True, False, True),  # the default on a GPU
+        (True, False, False, False),  # Triton kernels: never on CPU
+        (True, True, True, False),  # a classifier's loss is num_labels wide
+        (False, True, False, False),
+    ],
+)
+def test_liger_kernels_apply_to_causal_lms_on_gpus(
+    switch: bool, gpu: bool, classification: bool, applies: bool
+) -> None:
+    from finetune_trainer.recipe import uses_liger
+
+    config = config_for(Path("/unused-model"), {"type": "lora"})
+    config = config.model_copy(
+        update={
+            "training": config.training.model_copy(update={"use_liger_kernel": switch}),
+            "dataset": config.dataset.model_copy(
+                update={"format": "classification" if classification else "text", "num_labels": 2}
+            ),
+        }
+    )
+    assert uses_liger(config, on_gpu=gpu) is applies
+
+
+def test_an_image_without_liger_is_refused_on_a_gpu_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from finetune_trainer import recipe
+
+    config = config_for(Path("/unused-model"), {"type": "lora"})
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigurationError, match=r"training\.useLigerKernel: this image has no liger-kernel"):
+        recipe.check_combination(config)
+
+
+def test_liger_patches_every_causal_family_the_estimator_counts_its_loss_for() -> None:
+    """The planner counts Liger's small loss for every causal LM it knows; Liger must patch each."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    from finetune_operator.core.architecture import _MODEL_TYPE_DEFAULTS, _SUPPORTED
+
+    causal = {t for t in _SUPPORTED if _MODEL_TYPE_DEFAULTS.get(t, {}).get("kind") != "encoder"}
+    assert causal == {"llama", "mistral", "qwen2", "gemma2", "phi3"}
+    assert causal <= set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def test_pure_bf16_leaves_no_fp32_parameter(tiny_llama_dir: Path) -> None:
+    from finetune_trainer.recipe import cast_fp32_to_bf16
+
+    config = config_for(tiny_llama_dir, {"type": "lora"})
+    model = build(config)  # fp32 base, fp32 adapters
+    assert cast_fp32_to_bf16(model) > 0
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert cast_fp32_to_bf16(model) == 0

@@ -85,7 +85,7 @@ def test_plan_json_is_status_plan_in_a_versioned_document(capsys: pytest.Capture
     job = load_jobs(EXAMPLE)[0].job
     assert plan == plan_job(job.spec).to_status().model_dump(mode="json", by_alias=True, exclude_none=True)
     assert plan["fits"] is True and plan["gpus"] == 1 and "gpusPerNode" in plan and "perGpuBytes" in plan
-    assert plan["memoryPerGpu"] == "14.7 GiB of 73.6 GiB"  # what kubectl describe and get -o wide show
+    assert plan["memoryPerGpu"] == "14.2 GiB of 73.6 GiB"  # what kubectl describe and get -o wide show
     assert main(["plan", "-f", EXAMPLE, "-o", "yaml"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == data
 
@@ -265,10 +265,12 @@ def test_render_of_a_job_that_cannot_run_prints_why_and_exits_1(
     )
 
 
-def test_estimates_explain_their_peak_and_their_uncertainty(capsys: pytest.CaptureFixture[str]) -> None:
+def test_estimates_explain_their_peak_and_their_uncertainty(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(["estimate", "--model", "meta-llama/Llama-2-7b-hf", "--method", "full"]) == 0
     table = capsys.readouterr().out
-    assert "peak at the optimizer step" in table and "(3.19 GiB at their own peak, in backward)" in table
+    assert "peak at the optimizer step" in table and "(3.01 GiB at their own peak, in backward)" in table
     assert "20.0 B per parameter, not the rule of thumb's 16" in table and "temporary" not in table
     assert (
         main(["estimate", "--model", "meta-llama/Llama-2-7b-hf", "--method", "full", "--no-fused-optimizer"])
@@ -277,8 +279,14 @@ def test_estimates_explain_their_peak_and_their_uncertainty(capsys: pytest.Captu
     assert "24.0 B per parameter" in capsys.readouterr().out  # foreach AdamW's step temporary
     data = run_json(capsys, "estimate", "--model", "meta-llama/Llama-2-7b-hf", "--method", "full")
     assert data["peakPhase"] == "optimizer_step" and data["activationBytesAtTheirPeak"] > 0
-    # a QLoRA plan with less headroom than QLoRA's published measurements ran above estimates says so
-    qlora = run_json(capsys, "plan", "-f", "examples/qwen2.5-7b-qlora-l4.yaml")["plan"]
+    # a QLoRA plan with less headroom than QLoRA's published measurements ran above estimates says so:
+    # the L4 example without Liger's small loss (with it, 7.8 of 20.7 GiB: room enough)
+    tight = tmp_path / "tight.yaml"
+    example = Path("examples/qwen2.5-7b-qlora-l4.yaml").read_text()
+    tight.write_text(
+        example.replace("gradientCheckpointing: true,", "gradientCheckpointing: true, useLigerKernel: false,")
+    )
+    qlora = run_json(capsys, "plan", "-f", str(tight))["plan"]
     assert isinstance(qlora, dict) and qlora["peakPhase"] == "backward"
     assert qlora["estimateMargin"] == round(underestimate_margins()[Method.QLORA], 3) > 0.3
     assert "within the estimate's uncertainty: measured qlora peaks ran up to" in qlora["message"]

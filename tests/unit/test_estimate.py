@@ -365,3 +365,46 @@ def test_qlora_loading_upcasts_the_unquantized_weights_to_fp32() -> None:
     assert result.breakdown["optimizer"] == 0  # the optimizer does not exist yet
     assert estimate(replace(setup, zero_stage=3, world_size=2)).peak_phase != "load"
     assert estimate(replace(setup, seq_len=512, micro_batch_size=2)).peak_phase == "backward"
+
+
+def test_pure_bf16_costs_8_bytes_per_param_without_zero_and_keeps_bf16_partitions_under_it() -> None:
+    p = QWEN.total_params()
+    plain = estimate(TrainingSetup(QWEN, Method.FULL, master_weights=False)).model_states
+    assert (plain["weights"], plain["gradients"], plain["optimizer"]) == (2 * p, 2 * p, 4 * p)
+    # DeepSpeed's bf16 master weights: a bf16 master and gradient partition beside bf16 Adam moments.
+    zero2 = TrainingSetup(QWEN, Method.FULL, master_weights=False, zero_stage=2, world_size=4)
+    states = estimate(zero2).model_states
+    assert states["optimizer"] == -(-(2 + 4) * p // 4)
+    assert states["gradients"] == 2 * -(-2 * p // 4)
+    mixed = estimate(replace(zero2, master_weights=True)).model_states
+    assert states["optimizer"] <= mixed["optimizer"] / 2
+
+
+def test_fp32_under_zero_counts_deepspeeds_partition_copy() -> None:
+    p = QWEN.total_params()
+    setup = TrainingSetup(QWEN, Method.FULL, precision=Precision.FP32, zero_stage=1, world_size=2)
+    states = estimate(setup).model_states
+    assert states["optimizer"] == -(-(4 + 8) * p // 2)
+    assert estimate(replace(setup, zero_stage=0, world_size=1)).model_states["optimizer"] == 8 * p
+
+
+LLAMA31 = catalogue_architecture("meta-llama/Llama-3.1-8B")
+
+
+def test_fused_cross_entropy_drops_the_vocabulary_wide_loss() -> None:
+    from finetune_operator.core.activations import loss_bytes_per_token
+
+    # HF's 16-bit logits, their fp32 upcast and log-softmax, two fp32 gradients: 14 B per vocabulary entry
+    assert loss_bytes_per_token(LLAMA31, 2) == 14 * 128_256
+    # Liger: the final hidden states' gradient and a chunk of logits about 2·hidden wide, fp32 loss
+    assert loss_bytes_per_token(LLAMA31, 2, fused=True) == 3 * 2 * 4096 + 4
+    setup = TrainingSetup(LLAMA31, Method.LORA, micro_batch_size=2, seq_len=4096)
+    plain, fused = estimate(setup), estimate(replace(setup, fused_cross_entropy=True))
+    # the logits of 2 × 4096 tokens (13.7 GiB) were the peak's largest term; a block's backward is next
+    assert plain.activation_bytes - fused.activation_bytes > 10 * 1024**3
+    assert fused.per_gpu_bytes < plain.per_gpu_bytes
+
+
+def test_fused_cross_entropy_changes_nothing_for_encoders() -> None:
+    setup = TrainingSetup(BERT, Method.LORA, lora_target_modules=("query", "value"))
+    assert estimate(setup) == estimate(replace(setup, fused_cross_entropy=True))

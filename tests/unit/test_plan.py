@@ -244,7 +244,7 @@ def test_virtual_token_methods_never_plan_zero3(method: str) -> None:
 
 @pytest.mark.parametrize("method", list(Method))
 def test_gradient_checkpointing_is_suggested_only_where_the_method_table_allows_it(method: Method) -> None:
-    """Activations are what does not fit here (a 7B base, 8 × 4096 tokens on one L4), so recomputing would
+    """Activations are what does not fit here (a 7B base, 16 × 4096 tokens on one L40S), so recomputing would
     help every method; prefix tuning cannot recompute (the trainer crashes), so it is never suggested."""
     job = spec(
         **{
@@ -253,7 +253,7 @@ def test_gradient_checkpointing_is_suggested_only_where_the_method_table_allows_
             "resources.gpusPerNode": 1,
             "resources.gpus": 1,
             "training.gradientCheckpointing": False,
-            "training.microBatchSize": 8,
+            "training.microBatchSize": 16,
             "dataset.maxSeqLength": 4096,
         }
     )
@@ -319,3 +319,33 @@ def test_bf16_is_refused_on_gpus_without_it(changes: dict[str, Any], refused: st
     else:
         with pytest.raises(PlanningError, match=refused):
             plan(job)
+
+
+def test_the_plan_counts_liger_and_pure_bf16_as_the_trainer_runs_them() -> None:
+    job = spec(**{"model.name": "meta-llama/Llama-3.1-8B", "dataset.maxSeqLength": 4096})
+    arch = arch_of(job.model)
+    setup = setup_for(job, arch)
+    assert setup.fused_cross_entropy and setup.master_weights
+    off = spec(
+        **{
+            "model.name": "meta-llama/Llama-3.1-8B",
+            "dataset.maxSeqLength": 4096,
+            "training.useLigerKernel": False,
+        }
+    )
+    assert not setup_for(off, arch).fused_cross_entropy
+    assert plan(off, arch, 64).per_gpu_bytes > plan(job, arch, 64).per_gpu_bytes
+    classifier = spec(**{"dataset.format": "classification", "dataset.numLabels": 2})
+    assert not setup_for(classifier, arch_of(classifier.model)).fused_cross_entropy
+    pure = spec(**{"training.pureBf16": True})
+    assert not setup_for(pure, arch_of(pure.model)).master_weights
+
+
+def test_pure_bf16_never_plans_offload() -> None:
+    # full Llama-2-7B on one A100-80GB: 135 GB of mixed-precision states only fit with their optimizer on
+    # the host; pure bf16's 54 GB fit on the GPU
+    overrides = {"method": {"type": "full"}, "distributed.offload": "auto", "resources.gpus": 1}
+    pure = spec(**overrides, **{"training.pureBf16": True})
+    assert plan(pure, arch_of(pure.model), 64).offload == Offload.NONE
+    mixed = spec(**overrides)
+    assert plan(mixed, arch_of(mixed.model), 64).offload != Offload.NONE

@@ -29,7 +29,7 @@ def render_deepspeed_config(config: TrainerConfig, device: Device = "cuda") -> d
         "gradient_clipping": training.max_grad_norm,
         "steps_per_print": QUIET_STEPS,
         "wall_clock_breakdown": False,
-        "bf16": {"enabled": training.precision == Precision.BF16},
+        "bf16": _bf16(config),
         "fp16": _fp16(training.precision),
         "zero_optimization": _zero(config, device),
         # HF Trainer builds the optimizer (torch AdamW, bitsandbytes 8-bit, SGD); DeepSpeed only vouches
@@ -39,6 +39,25 @@ def render_deepspeed_config(config: TrainerConfig, device: Device = "cuda") -> d
     if config.offload != Offload.NONE:
         ds["optimizer"] = _offload_optimizer(config)
     return ds
+
+
+def bf16_engine(config: TrainerConfig) -> bool:
+    """Whether DeepSpeed trains in its bf16 mode (HF's `bf16` says the same). Pure bf16 without ZeRO is
+    the exception: DeepSpeed's bf16 mode then keeps fp32 master weights in its BF16_Optimizer, so it stays
+    off and torch's AdamW steps the bf16 parameters themselves, its moments in their dtype."""
+    training = config.training
+    return training.precision == Precision.BF16 and not (training.pure_bf16 and config.zero_stage == 0)
+
+
+def _bf16(config: TrainerConfig) -> dict[str, Any]:
+    """Mixed bf16 (fp32 master weights, gradients and Adam states in ZeRO's partitions), or with
+    `training.pureBf16` under ZeRO-1/2/3 those partitions in bf16 too (DeepSpeed's low-precision master
+    states, which it runs without offload only)."""
+    if not bf16_engine(config):
+        return {"enabled": False}
+    if not config.training.pure_bf16:
+        return {"enabled": True}
+    return {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
 
 
 def _fp16(precision: Precision) -> dict[str, Any]:

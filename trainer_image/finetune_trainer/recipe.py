@@ -50,7 +50,7 @@ from finetune_operator.api.trainer import (
 from finetune_trainer import checkpoints, export, methods, plots, trackers
 from finetune_trainer.console import Console, TrainLog
 from finetune_trainer.data import DataBundle, build_datasets
-from finetune_trainer.deepspeed import render_deepspeed_config
+from finetune_trainer.deepspeed import bf16_engine, render_deepspeed_config
 from finetune_trainer.exit_codes import ConfigurationError
 from finetune_trainer.methods import MethodBuilder
 from finetune_trainer.model import count_parameters, load_model, load_tokenizer, model_source, torch_dtype
@@ -282,7 +282,33 @@ def check_combination(config: TrainerConfig) -> MethodBuilder:
                 "model.attentionImplementation flash_attention_2: this image has no flash-attn package; "
                 "use sdpa (the default) or eager, or an image with flash-attn"
             )
+    if (
+        uses_liger(config, on_gpu=torch.cuda.is_available())
+        and importlib.util.find_spec("liger_kernel") is None
+    ):
+        raise ConfigurationError(
+            "training.useLigerKernel: this image has no liger-kernel package (the plan counted its smaller "
+            "loss); set it to false, or use an image with liger-kernel"
+        )
     return method
+
+
+def uses_liger(config: TrainerConfig, *, on_gpu: bool) -> bool:
+    """Liger's kernels are Triton (GPUs only) and patch causal LMs; a classifier's loss is small anyway.
+    A model type Liger does not know trains unpatched (transformers logs a warning)."""
+    return config.training.use_liger_kernel and on_gpu and not config.is_classification
+
+
+def cast_fp32_to_bf16(model: torch.nn.Module) -> int:
+    """Every fp32 parameter in bf16, for `training.pureBf16`: PEFT makes adapters and virtual tokens in
+    fp32 and QLoRA's k-bit preparation upcasts norms and embeddings. DeepSpeed's bf16 engine would cast
+    them as it wraps the model, but without ZeRO it stays off (`bf16_engine`). Returns how many moved."""
+    moved = 0
+    for param in model.parameters():
+        if param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)
+            moved += 1
+    return moved
 
 
 def optimizer_name(training: TrainingSpec) -> str:
@@ -315,7 +341,7 @@ def training_arguments(config: TrainerConfig, has_eval: bool, report_to: list[st
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        bf16=t.precision == Precision.BF16,
+        bf16=bf16_engine(config),
         fp16=t.precision == Precision.FP16,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -335,6 +361,7 @@ def training_arguments(config: TrainerConfig, has_eval: bool, report_to: list[st
         report_to=report_to or "none",
         run_name=config.job_name,
         disable_tqdm=True,
+        use_liger_kernel=uses_liger(config, on_gpu=on_gpu),
         use_cpu=not on_gpu,
         deepspeed=render_deepspeed_config(config, "cuda" if on_gpu else "cpu"),
     )
@@ -368,6 +395,8 @@ def setup(config: TrainerConfig, preemption: Preemption) -> Session:
         base.config.id2label = dict(enumerate(data.label_names))
         base.config.label2id = {name: i for i, name in enumerate(data.label_names)}
     model = method.apply(base, config)
+    if config.training.pure_bf16:
+        log.info("pure bf16: %d fp32 parameter tensors cast to bf16", cast_fp32_to_bf16(model))
     trainable, total = count_parameters(model)
     # bitsandbytes' own 4-bit layers; PEFT's LoRA wrapper around one is also named Linear4bit, not counted.
     quantized = sum(

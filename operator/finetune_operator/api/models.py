@@ -312,6 +312,20 @@ class TrainingSpec(ApiModel):
         "parameters instead of several per tensor; false: the foreach implementation. Only adamw has "
         "one; under distributed.offload DeepSpeed's CPU Adam steps instead.",
     )
+    pure_bf16: bool = Field(
+        default=False,
+        description="Train entirely in bf16: weights, gradients and AdamW's moments, with no fp32 master "
+        "copy (LLaMA-Factory's pure_bf16; torchtune's and litgpt's bf16-true). A trained parameter costs 8 "
+        "bytes on the GPU instead of 20; updates smaller than bf16 can hold are lost, which long runs at "
+        "low learning rates feel. Needs precision bf16; not with distributed.offload.",
+    )
+    use_liger_kernel: bool = Field(
+        default=True,
+        description="On GPUs, Liger's Triton kernels for causal language models: the fused linear "
+        "cross-entropy computes the loss in chunks and never holds the vocabulary-wide logits (the "
+        "largest activation at a 128k vocabulary), plus fused RMSNorm, SwiGLU and RoPE. The estimate "
+        "counts the smaller loss. Ignored on CPU and for classification.",
+    )
     seed: int = Field(default=42, ge=0, description="Random seed for data order and initialisation.")
     logging_steps: int = Field(default=10, ge=1, description="Report loss and progress every N steps.")
     eval_steps: int | None = Field(
@@ -327,6 +341,14 @@ class TrainingSpec(ApiModel):
         "mlflow (MLFLOW_TRACKING_URI, else a file store in the output's mlruns/) or wandb (offline into "
         "the output unless WANDB_API_KEY is set). The image must have the tracker's package; the trainer "
         "image ships tensorboard.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.pureBf16) || !self.pureBf16 || !has(self.precision) || self.precision == 'bf16'",
+            message="training.pureBf16 needs training.precision bf16",
+            check=lambda s: not s.pure_bf16 or s.precision == Precision.BF16,
+        ),
     )
 
 
@@ -514,12 +536,11 @@ def _unchanged(block: str, what: str) -> TransitionRule:
     )
 
 
-def _precision_of(spec: str) -> str:
-    """CEL for a spec's training precision, the API's default where it is left out."""
-    default = TrainingSpec.model_fields["precision"].default.value
-    return (
-        f"(has({spec}.training) && has({spec}.training.precision) ? {spec}.training.precision : '{default}')"
-    )
+def _training_field(spec: str, field: str) -> str:
+    """CEL for one of a spec's training fields (by its API name), the API's default where it is left out."""
+    default = next(f.default for f in TrainingSpec.model_fields.values() if f.alias == field)
+    literal = f"'{default.value}'" if isinstance(default, Precision) else str(default).lower()
+    return f"(has({spec}.training) && has({spec}.training.{field}) ? {spec}.training.{field} : {literal})"
 
 
 class FineTuneJobSpec(ApiModel):
@@ -580,10 +601,16 @@ class FineTuneJobSpec(ApiModel):
             for block, what in (("model", "model"), ("method", "method"), ("dataset", "data"))
         ),
         TransitionRule(
-            cel=f"{_precision_of('self')} == {_precision_of('oldSelf')}",
+            cel=f"{_training_field('self', 'precision')} == {_training_field('oldSelf', 'precision')}",
             message="spec.training.precision cannot change once the job exists (its optimizer states are "
             "in the old precision); create a new FineTuneJob",
             check=lambda old, new: bool(old.training.precision == new.training.precision),
+        ),
+        TransitionRule(
+            cel=f"{_training_field('self', 'pureBf16')} == {_training_field('oldSelf', 'pureBf16')}",
+            message="spec.training.pureBf16 cannot change once the job exists (its checkpoints hold optimizer "
+            "states with or without fp32 master weights); create a new FineTuneJob",
+            check=lambda old, new: bool(old.training.pure_bf16 == new.training.pure_bf16),
         ),
     )
 
@@ -606,6 +633,14 @@ class FineTuneJobSpec(ApiModel):
             ),
         ),
         *SPEC_RULES,
+        Rule(
+            cel="!has(self.training) || !has(self.training.pureBf16) || !self.training.pureBf16 || "
+            "!has(self.distributed) || !has(self.distributed.offload) || "
+            "self.distributed.offload in ['none', 'auto']",
+            message="training.pureBf16 does not run with distributed.offload optimizer/all (DeepSpeed's CPU "
+            "Adam keeps fp32 states); use none or auto",
+            check=lambda s: not s.training.pure_bf16 or s.distributed.offload in (Offload.NONE, "auto"),
+        ),
         Rule(
             cel="!has(self.distributed) || !has(self.distributed.offload) || "
             "self.distributed.offload in ['none', 'auto'] || !has(self.training) || "

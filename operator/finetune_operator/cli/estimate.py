@@ -51,6 +51,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=True,
         help="AdamW in torch's fused kernel (training.fusedOptimizer); the foreach one needs a step temporary",
     )
+    p.add_argument(
+        "--pure-bf16",
+        action="store_true",
+        help="bf16 weights, gradients and AdamW states with no fp32 master copy (training.pureBf16)",
+    )
+    p.add_argument(
+        "--liger-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Liger's fused linear cross-entropy for causal LMs (training.useLigerKernel): no "
+        "vocabulary-wide logits",
+    )
     p.add_argument("--micro-batch-size", type=int, default=1, metavar="B", help="sequences per GPU per step")
     p.add_argument("--seq-len", type=int, default=512, metavar="S", help="tokens per sequence")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
@@ -101,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     name, arch = _architecture(args)
     if args.gpus < 1:
         raise CliError("--gpus must be at least 1")
+    if args.pure_bf16 and args.precision != Precision.BF16:
+        raise CliError("--pure-bf16 needs --precision bf16")
     setup = TrainingSetup(
         arch=arch,
         method=args.method,
@@ -121,13 +135,16 @@ def run(args: argparse.Namespace) -> int:
         num_virtual_tokens=args.num_virtual_tokens,
         fused_optimizer=args.fused_optimizer,
         lora_dropout=args.lora_dropout,
+        master_weights=not args.pure_bf16,
+        fused_cross_entropy=args.liger_kernel and arch.kind == "causal_lm",
     )
     result = estimate(setup)
     share = result.trainable_params / result.total_params if result.total_params else 0.0
     header = [
         f"Model {name}: {result.total_params / 1e9:.2f} B parameters, "
         f"{result.trainable_params / 1e6:.2f} M trainable ({share:.2%})",
-        f"{setup.method.value}, {setup.precision.value}, {setup.optimizer.value}, micro batch "
+        f"{setup.method.value}, {setup.precision.value}{' (pure)' if args.pure_bf16 else ''}, "
+        f"{setup.optimizer.value}{', Liger loss' if setup.fused_cross_entropy else ''}, micro batch "
         f"{setup.micro_batch_size} x {setup.seq_len} tokens"
         f"{', gradient checkpointing' if setup.gradient_checkpointing else ''}, "
         f"ZeRO-{setup.zero_stage}, offload {setup.offload.value}, {count(setup.world_size, 'GPU')}",

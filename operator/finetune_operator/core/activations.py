@@ -17,7 +17,8 @@ GPT-3 constant (`34·s·b·h` bytes per layer assumes a GELU MLP and dropout, wh
   scales;
 - the loss: HF keeps the 16-bit logits in the model output, upcasts them to fp32, and cross-entropy
   keeps its fp32 log-softmax; in backward two more fp32 vocab-wide gradients exist at once. That is
-  `(a + 12)·vocab` bytes per token (a = activation bytes), usually the largest single term.
+  `(a + 12)·vocab` bytes per token (a = activation bytes), usually the largest single term. Liger's
+  fused linear cross-entropy (`training.useLigerKernel`) never holds the logits: `3·a·h + 4` per token.
 
 Gradient checkpointing (full recomputation per block) keeps each block's input (`a·h` per token) and,
 during backward, one block's full activations at a time.
@@ -96,10 +97,17 @@ def block_working_bytes_per_token(arch: ModelArchitecture, act_bytes: int) -> in
     return act_bytes * (2 * arch.intermediate_size + 2 * arch.hidden_size)
 
 
-def loss_bytes_per_token(arch: ModelArchitecture, act_bytes: int) -> int:
-    """Peak of the loss at the start of backward; encoders are fine-tuned with a small classifier head."""
+def loss_bytes_per_token(arch: ModelArchitecture, act_bytes: int, *, fused: bool = False) -> int:
+    """Peak of the loss at the start of backward; encoders are fine-tuned with a small classifier head.
+
+    Liger's fused linear cross-entropy (`fused`) computes the loss and its gradients in forward, a chunk
+    of tokens at a time, sized so a chunk's logits are about `2·hidden` wide per token: what stays is the
+    gradient of the final hidden states (`hidden` per token), the chunk's logits and fp32 per-token loss.
+    """
     if arch.kind == "encoder":
         return 0
+    if fused:
+        return 3 * act_bytes * arch.hidden_size + 4
     return (act_bytes + 12) * arch.vocab_size if act_bytes == 2 else 16 * arch.vocab_size
 
 
@@ -112,6 +120,7 @@ def activation_bytes(
     micro_batch: int,
     seq_len: int,
     checkpointing: bool,
+    fused_loss: bool = False,
 ) -> ActivationEstimate:
     """Peak activation bytes of one micro batch on one GPU."""
     seq = seq_len + fp.extra_seq_tokens
@@ -122,7 +131,9 @@ def activation_bytes(
     # HF materialises a 4D additive mask (batch × 1 × seq × kv_len) for SDPA and eager attention.
     mask = 0 if attention == AttentionImpl.FLASH_ATTENTION_2 else micro_batch * seq * kv_len * act_bytes
     final_norm = 4 * arch.hidden_size + (act_bytes * arch.hidden_size if fp.head_trained else 0)
-    loss = loss_bytes_per_token(arch, act_bytes) * tokens
+    loss = loss_bytes_per_token(arch, act_bytes, fused=fused_loss) * tokens
+    if fused_loss and arch.kind != "encoder":
+        loss += 2 * arch.vocab_size * act_bytes  # a chunk rounds up to a power of two tokens
     working = block_working_bytes_per_token(arch, act_bytes) * tokens + fp.dequant_elems * act_bytes
     if checkpointing:
         # Each block keeps its input; during backward one block is recomputed beside the other blocks'

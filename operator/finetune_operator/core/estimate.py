@@ -7,8 +7,11 @@ Accounting, per trainable parameter (DeepSpeed's, since the operator runs DeepSp
   (exists only around the optimizer step), 4 bytes fp32 master copy, Adam's m and v in fp32 (8 bytes).
   That is DeepSpeed's 2 + 18 bytes; the ZeRO paper's "16 bytes" leaves out the fp32 gradient.
 - 16-bit without master weights: weight, gradient and both Adam moments in the same 16-bit dtype
-  (8 bytes; torch's AdamW keeps states in the parameter's dtype).
-- fp32: 4 + 4 + 8 bytes.
+  (8 bytes; torch's AdamW keeps states in the parameter's dtype). Under ZeRO-1/2/3 DeepSpeed's bf16
+  master weights (`training.pureBf16`) still keep a master partition and a gradient partition of
+  their own, in bf16: 2 + 2 more bytes, sharded.
+- fp32: 4 + 4 + 8 bytes, and under ZeRO-1/2/3 the optimizer's own fp32 partition of weights and
+  gradients (4 + 4, sharded), as DeepSpeed clones them whatever their dtype.
 - 8-bit AdamW (paged or not): 2 bytes of states. Paged states can move to host under pressure; they
   are counted on the GPU, which is where they live while they fit.
 - SGD: no state. The HF Trainer's `sgd` is torch SGD without momentum; with momentum it would be one
@@ -118,11 +121,15 @@ def _per_param(setup: TrainingSetup) -> _PerParam:
     }[setup.optimizer]
     # torch's foreach AdamW allocates about one moment-sized temporary during the step; fused updates in place.
     step_temp = full_state if setup.optimizer == Optimizer.ADAMW and not setup.fused_optimizer else 0
+    # DeepSpeed's ZeRO optimizers step a partition copy of the weights and gradients of their own: fp32
+    # in mixed precision, else in the weights' dtype (fp32, or bf16 master weights); without ZeRO torch
+    # steps the parameters themselves.
+    partition = 4 if mixed else (weight if setup.zero_stage >= 1 else 0)
     return _PerParam(
         weight=weight,
         grad16=weight,
-        grad32=4 if mixed else 0,
-        master=4 if mixed else 0,
+        grad32=partition,
+        master=partition,
         states=states,
         step_temp=step_temp,
     )
@@ -199,6 +206,7 @@ def estimate(setup: TrainingSetup) -> MemoryEstimate:
         micro_batch=setup.micro_batch_size,
         seq_len=setup.seq_len,
         checkpointing=setup.gradient_checkpointing,
+        fused_loss=setup.fused_cross_entropy,
     )
     # Gradients alive at the start of backward: all of them under accumulation or in ZeRO-3's persistent
     # partition buffer; otherwise (ZeRO-2 frees its partition buffer after each step) only the head's.

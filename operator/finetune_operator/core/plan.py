@@ -174,6 +174,10 @@ def setup_for(spec: FineTuneJobSpec, arch: ModelArchitecture) -> TrainingSetup:
         num_virtual_tokens=method.virtual_tokens(),
         fused_optimizer=training.fused_optimizer,
         lora_dropout=lora.dropout,
+        master_weights=not training.pure_bf16,
+        fused_cross_entropy=training.use_liger_kernel
+        and arch.kind == "causal_lm"
+        and spec.dataset.format != "classification",
     )
 
 
@@ -194,14 +198,15 @@ def full_nodes(gpus: int, gpus_per_node: int) -> int:
 
 
 def _configurations(spec: FineTuneJobSpec) -> list[tuple[int, Offload]]:
-    """(ZeRO stage, offload) pairs to try, fastest first; offload needs ZeRO ≥ 1 and AdamW, parameters
-    ZeRO-3; prefix and prompt tuning stop at ZeRO-2 (what the trainer can run)."""
+    """(ZeRO stage, offload) pairs to try, fastest first; offload needs ZeRO ≥ 1 and AdamW with fp32
+    states (not pure bf16), parameters ZeRO-3; prefix and prompt tuning stop at ZeRO-2 (what the trainer
+    can run)."""
     dist = spec.distributed
     top = 2 if spec.method.type in NO_ZERO3_METHODS else 3
     stages = range(top + 1) if dist.zero_stage == "auto" else [int(dist.zero_stage)]
     if dist.offload != "auto":
         offloads: tuple[Offload, ...] = (Offload(dist.offload),)
-    elif spec.training.optimizer in OFFLOAD_OPTIMIZERS:
+    elif spec.training.optimizer in OFFLOAD_OPTIMIZERS and not spec.training.pure_bf16:
         offloads = OFFLOAD_ORDER
     else:
         offloads = (Offload.NONE,)

@@ -26,6 +26,8 @@ class TrainingSetup:
     `zero_stage` 0 means no ZeRO partitioning (plain data parallel); `world_size` is the data-parallel size.
     `fused_optimizer`: AdamW steps in torch's fused kernel (no step temporary). `lora_dropout` above 0
     gives every adapted module its own dropped-out copy of its input, saved for backward.
+    `fused_cross_entropy`: the loss is Liger's fused linear cross-entropy, which never holds the
+    vocabulary-wide logits (causal LMs on GPUs, `training.useLigerKernel`).
     """
 
     arch: ModelArchitecture
@@ -49,6 +51,7 @@ class TrainingSetup:
     gradient_accumulation_steps: int = 1
     fused_optimizer: bool = True
     lora_dropout: float = 0.0
+    fused_cross_entropy: bool = False
 
     @property
     def sixteen_bit(self) -> bool:
