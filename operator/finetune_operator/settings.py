@@ -18,6 +18,7 @@ from finetune_operator.api.trainer import IMAGE_ATTENTION
 from finetune_operator.core.gang import RenderOptions
 from finetune_operator.core.lifecycle import LifecyclePolicy
 from finetune_operator.core.placement import PRESETS
+from finetune_operator.core.requests import quantity_bytes
 
 ENV_PREFIX = "FINETUNE_"
 
@@ -128,10 +129,24 @@ class PlacementSettings:
     #: gke (cloud.google.com/gke-accelerator) or eks (node.kubernetes.io/instance-type). A job's
     #: spec.affinity.nodeAffinity replaces the placement on any cluster.
     preset: str = "nvidia-gfd"
+    #: Host memory of the GPU nodes, a Kubernetes quantity (1Ti, 512Gi; allocatable, not capacity). The
+    #: planner then never picks a layout (such as optimizer offload on few GPUs) whose workers request
+    #: more, and says so when nothing else fits. Empty: not checked; a worker no node can hold stays
+    #: Pending, and the job's status shows the scheduler's "Insufficient memory".
+    node_memory: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"placement preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.node_memory:
+            try:
+                quantity_bytes(self.node_memory)
+            except ValueError as exc:
+                raise ValueError(f"placement node_memory: {exc}") from exc
+
+    @property
+    def node_memory_bytes(self) -> int | None:
+        return quantity_bytes(self.node_memory) if self.node_memory else None
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,7 @@ class Settings:
             attention_implementations=frozenset(
                 AttentionImpl(name) for name in self.trainer.attention_implementations
             ),
+            node_memory_bytes=self.placement.node_memory_bytes,
         )
 
     def lifecycle_policy(self) -> LifecyclePolicy:

@@ -97,6 +97,16 @@ def test_the_trainer_images_attention_kernels_reach_the_operator() -> None:
     ]
 
 
+def test_the_gpu_nodes_memory_reaches_the_planner() -> None:
+    def node_memory(*values: str) -> int | None:
+        container = rendered(*values)["Deployment/ft"]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        return from_env(env).render_options().node_memory_bytes
+
+    assert node_memory() is None  # not checked unless the platform team says
+    assert node_memory("--set", "placement.nodeMemory=512Gi") == 512 * 1024**3
+
+
 @pytest.mark.parametrize("value", ["webhook.enabled=false", "webhook.certManager.enabled=true"])
 def test_the_webhook_can_be_turned_off_or_issued_by_cert_manager(value: str) -> None:
     objects = rendered("--set", value)
@@ -166,6 +176,7 @@ def test_replicas_are_ready_when_healthy_spread_over_nodes_and_drained_one_at_a_
         ("webhook.failurePolicy=Sometimes", "value must be one of 'Ignore', 'Fail'"),
         ("placement.preset=aks", "value must be one of 'nvidia-gfd', 'gke', 'eks'"),
         ("metrics.podMonitor.interval=often", "does not match pattern"),
+        ("placement.nodeMemory=lots", "does not match pattern"),
         (
             "trainerAttentionImplementations={flash}",
             "value must be one of 'sdpa', 'eager', 'flash_attention_2'",

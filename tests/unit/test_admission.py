@@ -102,3 +102,24 @@ def test_an_attention_kernel_the_trainer_image_lacks_is_refused(job: dict[str, A
 def test_the_trainer_images_attention_kernels_must_be_known_ones() -> None:
     with pytest.raises(ValueError, match="must be some of eager, flash_attention_2, sdpa, got flash"):
         from_env({"FINETUNE_TRAINER_ATTENTION_IMPLEMENTATIONS": "flash"})
+
+
+def test_a_layout_no_gpu_node_has_the_memory_for_is_never_planned(job: dict[str, Any]) -> None:
+    """Full Llama-2-7B on one A100: only optimizer offload fits one GPU, and its worker asks its node for
+    ~122 GiB. On 64 GiB nodes (FINETUNE_PLACEMENT_NODE_MEMORY) that pod could never be scheduled."""
+    job["spec"]["method"] = {"type": "full"}
+    job["spec"]["distributed"] = {"offload": "auto"}
+    job["spec"]["resources"] = {"gpuType": "A100-80GB", "gpusPerNode": 8, "gpus": 1}
+    assert review(job) is None  # unchecked: offload on one GPU
+    small = from_env({"FINETUNE_PLACEMENT_NODE_MEMORY": "64Gi"}).render_options()
+    assert small.node_memory_bytes == 64 * 1024**3
+    refusal = review_with(job, None, small)
+    assert refusal is not None and refusal.startswith("MemoryFits: does not fit on 1 GPU")
+    assert "a worker needs at least" in refusal and "more than the 64.0 GiB a GPU node has" in refusal
+    job["spec"]["resources"]["gpus"] = "auto"  # more GPUs, no offload: fits the nodes
+    assert review_with(job, None, small) is None
+
+
+def test_the_gpu_nodes_memory_must_be_a_quantity() -> None:
+    with pytest.raises(ValueError, match="placement node_memory: not a quantity: 'lots'"):
+        from_env({"FINETUNE_PLACEMENT_NODE_MEMORY": "lots"})

@@ -349,3 +349,17 @@ def test_pure_bf16_never_plans_offload() -> None:
     assert plan(pure, arch_of(pure.model), 64).offload == Offload.NONE
     mixed = spec(**overrides)
     assert plan(mixed, arch_of(mixed.model), 64).offload != Offload.NONE
+
+
+def test_the_planner_keeps_workers_within_the_nodes_memory() -> None:
+    """Offload trades GPUs for host memory; where nodes lack that memory, more GPUs without it win."""
+    job = spec(**{"method": {"type": "full"}, "distributed.offload": "auto", "training.microBatchSize": 1})
+    arch = arch_of(job.model)
+    unchecked = plan(job, arch, 64)
+    assert unchecked.offload != Offload.NONE
+    need = unchecked.requests.memory_bytes
+    roomy = plan(job, arch, 64, node_memory=need)
+    assert (roomy.gpus, roomy.offload) == (unchecked.gpus, unchecked.offload)  # exactly enough is enough
+    tight = plan(job, arch, 64, node_memory=need - 1)
+    assert tight.fits and tight.requests.memory_bytes < need
+    assert tight.gpus > unchecked.gpus or tight.offload != unchecked.offload

@@ -20,6 +20,7 @@ from finetune_operator.cli.common import (
 )
 from finetune_operator.core.architecture import load_hf_config
 from finetune_operator.core.plan import Plan, plan
+from finetune_operator.core.requests import quantity_bytes
 from finetune_operator.manifests import load_jobs
 
 #: Exit status when the plan is made but the job does not fit, so scripts can tell it from bad input (2).
@@ -37,8 +38,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     add_filename_option(p)
     p.add_argument("--model-config", type=Path, help="plan from this config.json instead of the catalogue")
+    p.add_argument(
+        "--node-memory",
+        type=_quantity,
+        metavar="QUANTITY",
+        help="host memory of a GPU node (e.g. 512Gi), as the operator's placement.nodeMemory: no layout "
+        "whose workers request more; unset, nothing is checked",
+    )
     add_output_option(p)
     p.set_defaults(run=run)
+
+
+def _quantity(text: str) -> int:
+    try:
+        return quantity_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         arch = (
             load_hf_config(args.model_config) if args.model_config else local_architecture(job.spec.model.uri)
         )
-        result = plan(job.spec, arch=arch)
+        result = plan(job.spec, arch=arch, node_memory=args.node_memory)
         all_fit = all_fit and result.fits
         documents.append(
             document(

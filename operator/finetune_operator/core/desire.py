@@ -80,7 +80,7 @@ def _missing_attention(job: FineTuneJob, options: RenderOptions) -> SpecProblem 
     )
 
 
-def _checked_plan(job: FineTuneJob) -> Plan | SpecProblem:
+def _checked_plan(job: FineTuneJob, options: RenderOptions) -> Plan | SpecProblem:
     """The plan, or why the job cannot run before anything is built: a reserved env name, a spec the
     planner refuses, or its MemoryFits verdict."""
     collisions = reserved_collisions(item.name for item in job.spec.env)
@@ -90,7 +90,7 @@ def _checked_plan(job: FineTuneJob) -> Plan | SpecProblem:
             f"spec.env: {', '.join(collisions)} are set by the operator and cannot be overridden",
         )
     try:
-        planned = plan(job.spec)
+        planned = plan(job.spec, node_memory=options.node_memory_bytes)
     except PlanningError as exc:
         return SpecProblem("InvalidSpec", str(exc))
     if not planned.fits:
@@ -106,7 +106,7 @@ def desire(
     unavailable = _missing_attention(job, options)
     if unavailable is not None:
         return unavailable
-    planned = _checked_plan(job)
+    planned = _checked_plan(job, options)
     if isinstance(planned, SpecProblem):
         return planned
     status = planned.to_status()

@@ -47,6 +47,9 @@ class RenderOptions:
     node_lost_seconds: int = 120
     #: The attention kernels `image` has; a job asking `image` for another one cannot run.
     attention_implementations: frozenset[AttentionImpl] = frozenset(IMAGE_ATTENTION)
+    #: Host memory of a GPU node in bytes: the planner never picks a layout whose workers request more.
+    #: None: not checked.
+    node_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from finetune_operator.core.architecture import ModelArchitecture, catalogue_arc
 from finetune_operator.core.calibration import underestimate_margins
 from finetune_operator.core.estimate import MemoryEstimate, TrainingSetup, estimate
 from finetune_operator.core.hardware import gpu_model
-from finetune_operator.core.requests import WorkerRequests, worker_requests
+from finetune_operator.core.requests import WorkerRequests, quantity_bytes, worker_requests
 
 GIB = 1024**3
 #: The largest job the planner considers: beyond this a fine-tune is a pre-training run in disguise.
@@ -233,15 +233,82 @@ def _smallest_fit(
     return found
 
 
+def worker_memory(spec: FineTuneJobSpec, gpus: int, stage: int, result: MemoryEstimate) -> int:
+    """Host memory one worker of this layout requests: the job's `resources.memory`, else the estimate's
+    (offloaded states of its node's ranks, /dev/shm, the processes themselves)."""
+    if spec.resources.memory is not None:
+        return quantity_bytes(spec.resources.memory)
+    spread = layout(gpus, spec.resources.gpus_per_node)
+    assert spread is not None
+    return _requests(spec, gpus, spread[1], stage, result).memory_bytes
+
+
+def _requests(
+    spec: FineTuneJobSpec, gpus: int, per_node: int, stage: int, result: MemoryEstimate
+) -> WorkerRequests:
+    return worker_requests(
+        spec,
+        gpus=gpus,
+        gpus_per_node=per_node,
+        zero_stage=stage,
+        host_offload_bytes_per_node=result.host_bytes * per_node,
+        total_params=result.total_params,
+        trainable_params=result.trainable_params,
+    )
+
+
+@dataclass
+class _HostCheck:
+    """Whether a layout's workers fit their nodes' memory (`node_memory`; None: not checked), and the
+    least a rejected layout needed, for the refusal's message."""
+
+    spec: FineTuneJobSpec
+    node_memory: int | None
+    shortest: int | None = None
+
+    def fits(self, gpus: int, stage: int, result: MemoryEstimate) -> bool:
+        if self.node_memory is None:
+            return True
+        need = worker_memory(self.spec, gpus, stage, result)
+        if need <= self.node_memory:
+            return True
+        self.shortest = need if self.shortest is None else min(self.shortest, need)
+        return False
+
+    def first_fit(
+        self,
+        base: TrainingSetup,
+        sizes: Sequence[int],
+        hit: tuple[int, MemoryEstimate],
+        stage: int,
+        offload: Offload,
+    ) -> tuple[int, MemoryEstimate] | None:
+        """From the smallest size whose GPUs hold the job, the first whose nodes also hold its workers:
+        offloaded states per node shrink as nodes are added while processes per node grow, so the host
+        need is not monotonic in the size; GPU fit is, so every size from `hit` on fits the GPUs."""
+        for gpus in sizes[sizes.index(hit[0]) :]:
+            result = (
+                hit[1]
+                if gpus == hit[0]
+                else estimate(replace(base, zero_stage=stage, offload=offload, world_size=gpus))
+            )
+            if self.fits(gpus, stage, result):
+                return gpus, result
+        return None
+
+
 def plan(
     spec: FineTuneJobSpec,
     arch: ModelArchitecture | None = None,
     max_gpus: int = DEFAULT_MAX_GPUS,
     explain: bool = True,
+    node_memory: int | None = None,
 ) -> Plan:
     """Plan a job. `arch` overrides the spec's model (ftctl passes one read from a local config.json).
 
     With `explain`, a job that fits nowhere is re-planned in cheaper variants to say what would fit.
+    With `node_memory` (bytes of host memory a GPU node offers) a layout whose worker would request
+    more is never chosen: its pods could never be scheduled.
     """
     context_known = (
         arch is not None
@@ -270,23 +337,28 @@ def plan(
         )
     sizes = [n for n in range(1, max_gpus + 1) if layout(n, gpn) is not None]
     configurations = _configurations(spec)
+    host = _HostCheck(spec, node_memory)
     best: tuple[int, int, Offload, MemoryEstimate] | None = None
     for stage, offload in configurations:
         hit = _smallest_fit(base, sizes, usable, stage, offload)
+        if hit is not None:
+            hit = host.first_fit(base, sizes, hit, stage, offload)
         if hit is not None and (best is None or hit[0] < best[0]):
             best = (hit[0], stage, offload, hit[1])
     if requested == "auto" and best is not None:
         gpus, stage, offload, result = best
         whole = full_nodes(gpus, gpn)
         if whole != gpus:  # the same nodes, all their GPUs: more memory per GPU to spare, never less
-            result = estimate(replace(base, zero_stage=stage, offload=offload, world_size=whole))
-        return _planned(spec, whole, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
+            widened = estimate(replace(base, zero_stage=stage, offload=offload, world_size=whole))
+            if host.fits(whole, stage, widened):  # more processes per node may not fit its memory
+                gpus, result = whole, widened
+        return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
     gpus = sizes[-1] if requested == "auto" else int(requested)
     tried = [
         (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus))) for s, o in configurations
     ]
     for stage, offload, result in tried:
-        if result.per_gpu_bytes <= usable:
+        if result.per_gpu_bytes <= usable and host.fits(gpus, stage, result):
             return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
     stage, offload, result = min(tried, key=lambda t: t[2].per_gpu_bytes)
     if requested == "auto":
@@ -299,7 +371,12 @@ def plan(
         note += (
             f" ({spec.method.type.value} tuning cannot shard the frozen model: ZeRO-3 is not available to it)"
         )
-    suggestions = _suggestions(spec, arch, max_gpus) if explain else ()
+    if host.shortest is not None and node_memory is not None:
+        note += (
+            f"; where the GPUs would hold it, a worker needs at least {gib(host.shortest)} of host memory, "
+            f"more than the {gib(node_memory)} a GPU node has (operator setting placement.nodeMemory)"
+        )
+    suggestions = _suggestions(spec, arch, max_gpus, node_memory) if explain else ()
     if suggestions:
         note += "; would fit: " + "; ".join(suggestions)
     return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, False, note, suggestions)
@@ -332,15 +409,7 @@ def _planned(
             f", within the estimate's uncertainty: measured {spec.method.type.value} peaks ran up to "
             f"{margin:.0%} above estimates like this one"
         )
-    requests = worker_requests(
-        spec,
-        gpus=gpus,
-        gpus_per_node=per_node,
-        zero_stage=stage,
-        host_offload_bytes_per_node=result.host_bytes * per_node,
-        total_params=result.total_params,
-        trainable_params=result.trainable_params,
-    )
+    requests = _requests(spec, gpus, per_node, stage, result)
     return Plan(
         fits=fits,
         gpus=gpus,
@@ -393,12 +462,14 @@ def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, FineTuneJobSpec]
         yield " + ".join(label), spec.model_copy(update={"method": method})
 
 
-def _suggestions(spec: FineTuneJobSpec, arch: ModelArchitecture, max_gpus: int) -> tuple[str, ...]:
+def _suggestions(
+    spec: FineTuneJobSpec, arch: ModelArchitecture, max_gpus: int, node_memory: int | None
+) -> tuple[str, ...]:
     """Which cheaper variants would fit, and on how many GPUs (the requested count, when one is fixed)."""
     suggestions = []
     for label, variant in _alternatives(spec):
         try:
-            alternative = plan(variant, arch, max_gpus, explain=False)
+            alternative = plan(variant, arch, max_gpus, explain=False, node_memory=node_memory)
         except PlanningError:  # a variant this GPU cannot run at all (bf16 compute on a T4)
             continue
         if alternative.fits:
