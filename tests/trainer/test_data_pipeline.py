@@ -266,3 +266,90 @@ def test_collator_classification_labels_are_one_per_example(
     assert batch["labels"].tolist() == [1, 0]
     assert batch["input_ids"][1, -1].item() == tiny_tokenizer.pad_token_id
     assert batch["attention_mask"].sum().item() == bundle.num_tokens
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    return [dict(row) for row in data] if data is not None else []
+
+
+@pytest.mark.parametrize(
+    ("spec", "records"),
+    [
+        # plain text cut into block-sized pieces and packed
+        (
+            {"format": "text", "max_seq_length": 16, "packing": True},
+            [{"text": " ".join(SENTENCES[: n % 7 + 1])} for n in range(60)],
+        ),
+        # instructions, some dropped by truncation (nothing left to train), validation split off
+        (
+            {"format": "alpaca", "max_seq_length": 96, "validation_split": 0.1},
+            [
+                {"instruction": SENTENCES[n % 40] * (1 + n % 4), "output": "Yes."}
+                if n % 5
+                else {"instruction": "Hi.", "output": "Hello."}
+                for n in range(60)
+            ],
+        ),
+        (
+            {"format": "classification", "num_labels": 2},
+            [{"text": SENTENCES[n % 40], "label": n % 2} for n in range(60)],
+        ),
+    ],
+    ids=["text-packed", "alpaca-dropping", "classification"],
+)
+def test_encoding_in_parallel_builds_exactly_what_one_process_does(
+    tmp_path: Path,
+    base_tokenizer: PreTrainedTokenizerBase,
+    spec: dict[str, Any],
+    records: list[dict[str, Any]],
+) -> None:
+    """datasets.map over worker processes, in batches, against the in-process loop: same rows, same order,
+    same drop count, whatever the batch boundaries (60 records, batches of 7)."""
+    from finetune_trainer.data import encode
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    one = build_datasets(DatasetSpec(uri=str(path), **spec), base_tokenizer, num_proc=1)
+    encode.BATCH = 7  # several batches per process; restored below
+    try:
+        three = build_datasets(DatasetSpec(uri=str(path), **spec), base_tokenizer, num_proc=3)
+    finally:
+        encode.BATCH = 1_000
+    assert _rows(one.train) == _rows(three.train) and len(one.train) > 5
+    assert _rows(one.eval) == _rows(three.eval)
+    assert (one.num_tokens, one.dropped) == (three.num_tokens, three.dropped)
+    if spec["format"] == "alpaca":
+        assert one.dropped > 0
+
+
+def test_a_bad_record_found_by_a_worker_process_is_named_as_in_one_process(
+    tmp_path: Path, base_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    records: list[dict[str, Any]] = [{"text": SENTENCES[n % 40]} for n in range(50)]
+    records[37] = {"txt": "a typo"}
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    messages = []
+    for procs in (1, 2):
+        with pytest.raises(DataError) as raised:
+            build_datasets(DatasetSpec(uri=str(path), format="text"), base_tokenizer, num_proc=procs)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("data.jsonl record 37: field 'text'")
+
+
+def test_a_large_data_set_is_encoded_in_parallel_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_trainer.data import encode
+    from finetune_trainer.data.sources import Records
+
+    calls: list[int] = []
+    monkeypatch.setattr(encode, "_parallel", lambda records, encoder, n: calls.append(n) or ([], 0))
+    monkeypatch.setattr(encode, "_sequential", lambda records, encoder: calls.append(1) or ([], 0))
+    monkeypatch.setattr(encode, "processes", lambda: 4)
+    small = Records(records=[{}] * (encode.PARALLEL_FROM - 1), origins=((0, "x"),))
+    large = Records(records=[{}] * encode.PARALLEL_FROM, origins=((0, "x"),))
+    encoder: Any = None
+    encode.encode_all(small, encoder)
+    encode.encode_all(large, encoder)
+    encode.encode_all(large, encoder, num_proc=1)
+    assert calls == [1, 4, 1]

@@ -1,8 +1,8 @@
 """Training data: read records, encode them in the job's format, truncate, split, pack, and batch.
 
 `build_datasets(spec, tokenizer)` reads top to bottom: read → encode (one registered function per
-format, see `formats.FORMATS`) → truncate → drop examples with nothing left to train → split off the
-validation set → pack → Arrow data sets plus a padding collator. Every problem with the data raises
+format, see `formats.FORMATS`; a large data set in parallel, see `encode`) → truncate → drop examples
+with nothing left to train → split off the validation set → pack → Arrow data sets plus a collator. Every problem with the data raises
 `DataError` naming the file, record index and field; the trainer exits with its configuration-error code.
 
 Packed data keeps whole examples per block with position ids that restart per example, so attention
@@ -28,6 +28,7 @@ from finetune_trainer.data import cache
 from finetune_trainer.data.bundle import DataBundle
 from finetune_trainer.data.cache import Collator
 from finetune_trainer.data.collate import FlatteningCollator, PackedRowsCollator, PaddingCollator
+from finetune_trainer.data.encode import Encoder, encode_all
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import (
     FORMATS,
@@ -38,14 +39,7 @@ from finetune_trainer.data.formats import (
     build_label_index,
     label_key,
 )
-from finetune_trainer.data.packing import (
-    chunk,
-    has_trained_token,
-    pack,
-    position_ids,
-    split_indices,
-    truncate,
-)
+from finetune_trainer.data.packing import pack, position_ids, split_indices
 from finetune_trainer.data.sources import (
     HUB_SCHEME,
     PVC_SCHEME,
@@ -81,6 +75,7 @@ def build_datasets(
     cache_root: str | Path | None = None,
     can_share_rows: bool = True,
     varlen_attention: bool = False,
+    num_proc: int | None = None,
 ) -> DataBundle:
     """Build the training (and validation) data for `spec`, or load it from the cache under `cache_root`.
 
@@ -89,7 +84,8 @@ def build_datasets(
     `can_share_rows` is False for a method whose examples must each have a row of their own (prefix and
     prompt tuning: the method table's `packing` trait); their batches are padded. `varlen_attention`: the
     attention kernel takes sequence boundaries from one flattened row's position ids (flash_attention_2),
-    so batches are flattened (see `collate`).
+    so batches are flattened (see `collate`). `num_proc`: processes that encode (None: `encode.encode_all`
+    decides by the data's size).
     """
     path = _local_path(spec, local_path)
     fmt = FORMATS[spec.format]
@@ -100,12 +96,12 @@ def build_datasets(
     key = cache.cache_key(spec, tokenizer, seed, path) if cache_root is not None else None
     if cache_root is not None and key is not None:
         bundle = cache.load_or_build(
-            cache_root, key, collator, lambda: _build(spec, tokenizer, fmt, collator, seed, path)
+            cache_root, key, collator, lambda: _build(spec, tokenizer, fmt, collator, seed, path, num_proc)
         )
     else:
         if cache_root is not None:
             log.info("data: not cached (only local data read with a fast tokenizer is)")
-        bundle = _build(spec, tokenizer, fmt, collator, seed, path)
+        bundle = _build(spec, tokenizer, fmt, collator, seed, path, num_proc)
     log.info("data: %d train and %d eval examples from %s", *_sizes(bundle), spec.uri)
     return bundle
 
@@ -117,11 +113,13 @@ def _build(
     collator: Collator,
     seed: int,
     path: str | None,
+    num_proc: int | None,
 ) -> DataBundle:
     records = read_local(path) if path is not None else read_hub(spec.uri, spec.split)
     context, label_names = _context(spec, tokenizer, records, fmt)
 
-    examples, dropped = _encode_all(records, fmt, context, chunk_text=spec.packing and not fmt.masks_prompt)
+    encoder = Encoder(fmt, context, chunk_text=spec.packing and not fmt.masks_prompt)
+    examples, dropped = encode_all(records, encoder, num_proc)
     if dropped:
         log.warning(
             "dropped %d of %d examples: nothing left to train after truncation to %d tokens",
@@ -202,29 +200,6 @@ def _context(
         label_index=label_index,
     )
     return context, names
-
-
-def _encode_all(
-    records: Records, fmt: Format, context: EncodeContext, *, chunk_text: bool
-) -> tuple[list[Example], int]:
-    """Encode every record; truncate it (or cut plain text about to be packed into block-sized pieces, so
-    no token is lost) and drop the ones left with nothing to train."""
-    examples = []
-    dropped = 0
-    for index, record in enumerate(records):
-        try:
-            example = fmt.encode(record, context)
-        except FieldError as err:
-            raise DataError(f"{records.where(index)}: {err}") from err
-        if chunk_text:
-            examples.extend(chunk(example, context.max_seq_length))
-            continue
-        example = truncate(example, context.max_seq_length)
-        if fmt.masks_prompt and not has_trained_token(example):
-            dropped += 1
-            continue
-        examples.append(example)
-    return examples, dropped
 
 
 #: Token columns as int32 (vocabularies and -100 fit): half of int64's bytes in memory and in the cache.
