@@ -26,11 +26,22 @@ import yaml
 from kubernetes.client import (
     CoreV1Api,
     CustomObjectsApi,
+    SchedulingV1Api,
+    V1Affinity,
+    V1Container,
     V1Eviction,
     V1Namespace,
+    V1NodeAffinity,
+    V1NodeSelector,
+    V1NodeSelectorRequirement,
+    V1NodeSelectorTerm,
     V1ObjectMeta,
+    V1Pod,
+    V1PodSpec,
+    V1PriorityClass,
     V1ResourceQuota,
     V1ResourceQuotaSpec,
+    V1ResourceRequirements,
     V1ServiceAccount,
 )
 from kubernetes.client.exceptions import ApiException
@@ -1076,6 +1087,78 @@ def test_evicted_workers_restart_the_gang_without_spending_the_backoff_limit(
     finish_all(core, ns, name, 0)
     status = wait_job(api, operator, name, phase_is("Succeeded"), "success after three evictions")
     assert (status.get("restarts", 0), status["disruptions"]) == (0, 3)
+
+
+def test_preempted_five_times_by_the_scheduler_the_job_still_succeeds(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """kube-scheduler's own preemption, five times, of a job whose backoffLimit is 1. Each time a pod of
+    a higher PriorityClass needs a GPU of the node worker 0 fills (8 of 8), so the scheduler evicts that
+    worker; each eviction restarts the gang as a disruption, and the job still succeeds."""
+    ns, name, urgent = operator.namespace, "preempted", "finetune-e2e-urgent"
+    scheduling = SchedulingV1Api(core.api_client)
+    with contextlib.suppress(ApiException):  # left by an interrupted run
+        scheduling.delete_priority_class(urgent)
+    scheduling.create_priority_class(
+        V1PriorityClass(
+            metadata=V1ObjectMeta(name=urgent), value=1_000_000, preemption_policy="PreemptLowerPriority"
+        )
+    )
+    try:
+        create(api, ns, two_nodes(name, backoffLimit=1))
+        for attempt in range(5):
+            gang = wait_pods(
+                core, ns, name, all_running(2, attempt=attempt), f"a running gang (attempt {attempt})"
+            )
+            wait_job(api, operator, name, phase_is("Running"), f"Running (attempt {attempt})")
+            node = next(p.spec.node_name for p in gang if p.metadata.name.endswith("-worker-0"))
+            pod = f"urgent-{attempt}"
+            core.create_namespaced_pod(ns, urgent_pod(pod, urgent, node))
+            eventually(
+                lambda pod=pod: bool(core.read_namespaced_pod(pod, ns).spec.node_name),
+                f"{pod} scheduled onto {node} by preempting worker 0",
+                operator.tail,
+            )
+            core.delete_namespaced_pod(pod, ns, grace_period_seconds=0)  # the next gang needs that node
+        wait_pods(core, ns, name, all_running(2, attempt=5), "the gang after five preemptions")
+        finish_all(core, ns, name, 0)
+        status = wait_job(api, operator, name, phase_is("Succeeded"), "success after five preemptions")
+        assert (status.get("restarts", 0), status["disruptions"]) == (0, 5)
+        events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        reasons = {e.reason for e in events} & {"PreemptionByScheduler", "WorkerMissing"}
+        # the DisruptionTarget condition, or the pod already gone when the operator looked (KWOK deletes
+        # a fake pod at once; a real kubelet first runs its SIGTERM checkpoint)
+        assert reasons, [e.reason for e in events]
+        print(f"five scheduler preemptions restarted the gang as disruptions ({', '.join(sorted(reasons))})")
+    finally:
+        scheduling.delete_priority_class(urgent)
+
+
+def urgent_pod(name: str, priority_class: str, node: str) -> V1Pod:
+    """A pod of `priority_class` that needs one GPU of `node` and nothing else."""
+    on_node = V1NodeSelectorTerm(
+        match_fields=[V1NodeSelectorRequirement(key="metadata.name", operator="In", values=[node])]
+    )
+    return V1Pod(
+        metadata=V1ObjectMeta(name=name),
+        spec=V1PodSpec(
+            priority_class_name=priority_class,
+            containers=[
+                V1Container(
+                    name="urgent",
+                    image="registry.example/urgent:1",
+                    resources=V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}),
+                )
+            ],
+            affinity=V1Affinity(
+                node_affinity=V1NodeAffinity(
+                    required_during_scheduling_ignored_during_execution=V1NodeSelector(
+                        node_selector_terms=[on_node]
+                    )
+                )
+            ),
+        ),
+    )
 
 
 #: tools/cluster/stages.yaml: a node annotated so reports Ready False (its kubelet stopped), and a pod
