@@ -25,8 +25,15 @@ from finetune_operator.adapters.kube import JobApi
 from finetune_operator.api.models import FineTuneJobStatus
 from finetune_operator.core.desire import SpecProblem, desire, parse_job
 from finetune_operator.core.gang import JobRef
-from finetune_operator.core.lifecycle import Actions, Event, reconcile, rejected
-from finetune_operator.core.status import NodeView, nodes_to_check, parse_time, read_worker
+from finetune_operator.core.lifecycle import Actions, Event, api_error, reconcile, rejected
+from finetune_operator.core.status import (
+    ConditionType,
+    NodeView,
+    get_condition,
+    nodes_to_check,
+    parse_time,
+    read_worker,
+)
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import refiner_for
 from finetune_operator.settings import Settings
@@ -170,6 +177,7 @@ class Controller:
             body = fresh
             actions = rejected(job_ref(body), read_status(body), str(exc), datetime.now(UTC))
             await asyncio.to_thread(self.api.apply, body, actions)
+        await self._recovered(body)
         for event in actions.events:
             logger.info("%s: %s", event.reason, event.message)
             events.post(body, event)
@@ -184,14 +192,35 @@ class Controller:
         return not actions.delete_job, actions.requeue_after
 
     async def _report(self, namespace: str, name: str, message: str) -> None:
-        """A Warning event on the job for an API error that persists (a ResourceQuota, missing RBAC):
-        `kubectl describe ftj` and `ftctl status` show it. Best effort: the API may be what is failing."""
+        """A Warning event and the ApiError condition on the job for an API error that persists (a
+        ResourceQuota, missing RBAC): `kubectl describe ftj`, `kubectl wait` and `ftctl status` show it.
+        Best effort: the API may be what is failing."""
         try:
             body = await asyncio.to_thread(self.api.read_job, namespace, name)
         except (kopf.TemporaryError, kopf.PermanentError):
             return
         if body is not None:
             events.post(body, Event("Warning", "RetryingApiError", message))
+            await self._api_error(body, message)
+
+    async def _recovered(self, body: Mapping[str, Any]) -> None:
+        """After a pass whose writes all went through, ApiError (if True) turns False. Not in the pass's
+        own status write: that goes first, and the write that failed before may fail again after it."""
+        condition = get_condition(read_status(body).conditions, ConditionType.API_ERROR)
+        if condition is None or condition.status != "True":
+            return
+        meta = body["metadata"]
+        fresh = await asyncio.to_thread(self.api.read_job, meta["namespace"], meta["name"])
+        if fresh is not None:
+            await self._api_error(fresh, None)
+
+    async def _api_error(self, body: Mapping[str, Any], message: str | None) -> None:
+        updated = api_error(
+            read_status(body), message, datetime.now(UTC), int(body["metadata"].get("generation") or 0)
+        )
+        if updated is not None:
+            with contextlib.suppress(kopf.TemporaryError, kopf.PermanentError):
+                await asyncio.to_thread(self.api.write_status, body, updated)
 
     async def _sleep(self, waker: asyncio.Event, delay: float | None) -> None:
         """Until woken, due, or the resync interval; then a short debounce to batch bursts of events."""

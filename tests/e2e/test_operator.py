@@ -1233,6 +1233,18 @@ def test_a_quota_that_keeps_refusing_a_worker_is_an_event_then_clears(
     eventually(lambda: bool(refusals()), "a RetryingApiError event", operator.tail)
     (message,) = refusals()  # once per distinct error, not once per try
     assert "exceeded quota" in message and f"{name}-worker-1" in message and "tries" in message, message
+    # and a condition, for `kubectl wait --for=condition=ApiError` and whatever reads conditions
+    failing = wait_job(
+        api, operator, name, lambda s: condition(s, "ApiError").get("status") == "True", "ApiError True"
+    )
+    assert condition(failing, "ApiError")["message"] == message
     core.delete_namespaced_resource_quota("one-pod", ns)
     wait_pods(core, ns, name, all_running(2), "both workers once the quota is gone")
-    wait_job(api, operator, name, phase_is("Running"), "Running")
+    running = wait_job(
+        api,
+        operator,
+        name,
+        lambda s: phase_is("Running")(s) and condition(s, "ApiError").get("status") == "False",
+        "Running, ApiError False",
+    )
+    assert condition(running, "ApiError")["reason"] == "Recovered"

@@ -604,3 +604,26 @@ def test_a_ready_node_or_one_not_read_is_never_lost() -> None:
     for nodes in ({"gpu-node-1": node("gpu-node-1", True, 500)}, {}):
         actions = run_with_nodes(running_status(), on_a_silent_node(), nodes)
         assert actions.status.phase == "Running" and actions.force_delete_pods == ()
+
+
+def test_an_api_error_that_persists_is_a_condition_until_the_writes_go_through() -> None:
+    from finetune_operator.core.lifecycle import api_error
+
+    quota = 'pods "x-worker-1" is forbidden: exceeded quota: one-pod (3 tries; retrying with backoff)'
+    assert api_error(FineTuneJobStatus(), None, NOW, 1) is None  # a job that never had it does not get it
+    failing = api_error(FineTuneJobStatus(), quota, NOW, 1)
+    assert failing is not None
+    (cond,) = failing.conditions
+    assert (cond.type, cond.status, cond.reason, cond.message) == (
+        "ApiError",
+        "True",
+        "RetryingApiError",
+        quota,
+    )
+    assert api_error(failing, quota, NOW + timedelta(seconds=5), 1) is None  # the same error: no rewrite
+    recovered = api_error(failing, None, NOW + timedelta(seconds=9), 1)
+    assert recovered is not None
+    (cond,) = recovered.conditions
+    assert (cond.status, cond.reason) == ("False", "Recovered") and "exceeded quota" in cond.message
+    assert cond.last_transition_time == rfc3339(NOW + timedelta(seconds=9))
+    assert api_error(recovered, None, NOW + timedelta(seconds=20), 1) is None

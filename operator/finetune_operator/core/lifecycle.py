@@ -640,3 +640,26 @@ def rejected(job: JobRef, status: FineTuneJobStatus, message: str, now: datetime
     d = _Decision(status, now, job.generation)
     d.fail("Rejected", message)
     return d.actions()
+
+
+def api_error(
+    status: FineTuneJobStatus, message: str | None, now: datetime, generation: int
+) -> FineTuneJobStatus | None:
+    """The status with ApiError True for an API error that persists (`message`), or False once the
+    operator's writes go through again (None); None when that changes nothing, which keeps a job that
+    never had the condition free of it."""
+    d = _Decision(status, now, generation)
+    if message is not None:
+        if not d.condition(ConditionType.API_ERROR, True, "RetryingApiError", message):
+            return None
+    else:
+        previous = get_condition(status.conditions, ConditionType.API_ERROR)
+        if previous is None or previous.status != "True":
+            return None
+        d.condition(
+            ConditionType.API_ERROR,
+            False,
+            "Recovered",
+            f"the operator's API calls succeed again (was: {previous.message})",
+        )
+    return d.status

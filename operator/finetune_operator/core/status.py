@@ -34,6 +34,9 @@ class ConditionType(StrEnum):
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
     STALLED = "Stalled"
+    #: True while an API error the operator meets acting for the job persists (a full ResourceQuota,
+    #: missing RBAC, a webhook's denial); it keeps retrying with backoff, and the condition says why.
+    API_ERROR = "ApiError"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
