@@ -418,20 +418,21 @@ def test_adamw_steps_fused_unless_switched_off(optimizer: Optimizer, fused: bool
 
 
 @pytest.mark.parametrize(
-    ("switch", "gpu", "classification", "applies"),
+    ("switch", "gpu", "classification", "zero_stage", "applies"),
     [
-        (True, True, False, True),  # the default on a GPU
-        (True, False, False, False),  # Triton kernels: never on CPU
-        (True, True, True, False),  # a classifier's loss is num_labels wide
-        (False, True, False, False),
+        (True, True, False, 2, True),  # the default on a GPU
+        (True, False, False, 2, False),  # Triton kernels: never on CPU
+        (True, True, True, 2, False),  # a classifier's loss is num_labels wide
+        (True, True, False, 3, False),  # the fused loss would read a partitioned head
+        (False, True, False, 0, False),
     ],
 )
-def test_liger_kernels_apply_to_causal_lms_on_gpus(
-    switch: bool, gpu: bool, classification: bool, applies: bool
+def test_liger_kernels_apply_to_causal_lms_on_gpus_below_zero3(
+    switch: bool, gpu: bool, classification: bool, zero_stage: int, applies: bool
 ) -> None:
     from finetune_trainer.recipe import uses_liger
 
-    config = config_for(Path("/unused-model"), {"type": "lora"})
+    config = config_for(Path("/unused-model"), {"type": "lora"}, zero_stage=zero_stage)
     config = config.model_copy(
         update={
             "training": config.training.model_copy(update={"use_liger_kernel": switch}),

@@ -405,6 +405,14 @@ def test_fused_cross_entropy_drops_the_vocabulary_wide_loss() -> None:
     assert fused.per_gpu_bytes < plain.per_gpu_bytes
 
 
+def test_fused_cross_entropy_is_not_counted_under_zero3() -> None:
+    """The trainer leaves Liger off there: its fused loss cannot read ZeRO-3's partitioned head."""
+    setup = TrainingSetup(LLAMA31, Method.FULL, seq_len=4096, zero_stage=3, world_size=8)
+    assert estimate(setup) == estimate(replace(setup, fused_cross_entropy=True))
+    below = replace(setup, zero_stage=2)
+    assert estimate(replace(below, fused_cross_entropy=True)).per_gpu_bytes < estimate(below).per_gpu_bytes
+
+
 def test_fused_cross_entropy_changes_nothing_for_encoders() -> None:
     setup = TrainingSetup(BERT, Method.LORA, lora_target_modules=("query", "value"))
     assert estimate(setup) == estimate(replace(setup, fused_cross_entropy=True))

@@ -295,8 +295,13 @@ def check_combination(config: TrainerConfig) -> MethodBuilder:
 
 def uses_liger(config: TrainerConfig, *, on_gpu: bool) -> bool:
     """Liger's kernels are Triton (GPUs only) and patch causal LMs; a classifier's loss is small anyway.
-    A model type Liger does not know trains unpatched (transformers logs a warning)."""
-    return config.training.use_liger_kernel and on_gpu and not config.is_classification
+    A model type Liger does not know trains unpatched (transformers logs a warning). Not under ZeRO-3:
+    the fused loss reads the LM head's weight by attribute, never running the head's module, so
+    DeepSpeed's gather hook does not fire and the kernel gets an empty partition (TRL hit the same in
+    its own Liger losses); the estimator counts the plain loss there."""
+    return (
+        config.training.use_liger_kernel and on_gpu and not config.is_classification and config.zero_stage < 3
+    )
 
 
 def cast_fp32_to_bf16(model: torch.nn.Module) -> int:

@@ -324,7 +324,8 @@ class TrainingSpec(ApiModel):
         description="On GPUs, Liger's Triton kernels for causal language models: the fused linear "
         "cross-entropy computes the loss in chunks and never holds the vocabulary-wide logits (the "
         "largest activation at a 128k vocabulary), plus fused RMSNorm, SwiGLU and RoPE. The estimate "
-        "counts the smaller loss. Ignored on CPU and for classification.",
+        "counts the smaller loss. Ignored on CPU, for classification and under ZeRO-3 (whose partitioned LM head "
+        "the fused loss cannot read).",
     )
     seed: int = Field(default=42, ge=0, description="Random seed for data order and initialisation.")
     logging_steps: int = Field(default=10, ge=1, description="Report loss and progress every N steps.")

@@ -27,7 +27,7 @@ class TrainingSetup:
     `fused_optimizer`: AdamW steps in torch's fused kernel (no step temporary). `lora_dropout` above 0
     gives every adapted module its own dropped-out copy of its input, saved for backward.
     `fused_cross_entropy`: the loss is Liger's fused linear cross-entropy, which never holds the
-    vocabulary-wide logits (causal LMs on GPUs, `training.useLigerKernel`).
+    vocabulary-wide logits (causal LMs on GPUs, `training.useLigerKernel`), below ZeRO-3 only.
     """
 
     arch: ModelArchitecture
