@@ -63,6 +63,14 @@ MODELLED_TERMS: tuple[tuple[str, str, str], ...] = (
         "(tests/unit/test_estimate_deepspeed.py)",
     ),
     (
+        "ZeRO's own partition",
+        "under ZeRO-1/2/3 the optimizer steps a copy of the rank's weights and gradients: fp32 in mixed "
+        "precision and in fp32 training (4 + 4 B), bf16 under training.pureBf16 (2 + 2 B), sharded; "
+        "without ZeRO torch steps the parameters themselves (pure bf16: 8 B per parameter in all)",
+        "DeepSpeed stage_1_and_2.py (single_partition_of_fp32_groups, cloned whatever the dtype) and "
+        "base_optimizer.py (_configure_master_weights: bf16_master_weights_and_grads)",
+    ),
+    (
         "AdamW step temporary",
         "one moment of the rank's partition for torch's foreach AdamW (training.fusedOptimizer false), "
         "none for the fused kernel, the 8-bit optimizers or CPU Adam under offload",
@@ -91,6 +99,12 @@ MODELLED_TERMS: tuple[tuple[str, str, str], ...] = (
         "(a + 12) B per token per vocabulary entry: 16-bit logits, their fp32 upcast and log-softmax, two "
         "fp32 gradients in backward",
         "HF Transformers ForCausalLMLoss",
+    ),
+    (
+        "Liger loss",
+        "with training.useLigerKernel below ZeRO-3: 3·a·hidden + 4 B per token (the final hidden states' "
+        "gradient, a chunk of logits about 2·hidden wide, the fp32 loss) and one chunk's rounding",
+        "liger_kernel/ops/fused_linear_cross_entropy.py: chunk = next_power_of_2(BT / ceil(V / H))",
     ),
     (
         "attention mask",
