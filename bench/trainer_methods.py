@@ -138,6 +138,8 @@ def job_document(method: Method, model: Path, data: Path, args: argparse.Namespa
                 "learningRate": LEARNING_RATES.get(method, 2e-4),
                 "precision": precision,
                 "gradientCheckpointing": args.gradient_checkpointing,
+                "pureBf16": args.pure_bf16 and on_gpu,
+                "useLigerKernel": args.liger_kernel,
                 "loggingSteps": max(1, args.steps // 10),
             },
             "checkpointing": {"saveSteps": args.steps * 10},  # no checkpoint I/O inside the measurement
@@ -227,6 +229,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
+        "--pure-bf16",
+        action="store_true",
+        help="training.pureBf16: bf16 weights, gradients and Adam moments (GPU only; the CPU runs fp32)",
+    )
+    parser.add_argument(
+        "--liger-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="training.useLigerKernel (the API's default); --no-liger-kernel measures the plain loss",
+    )
+    parser.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -258,7 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model + (" (tiny shapes)" if args.tiny else ""),
         "settings": {
             k: getattr(args, k)
-            for k in ("steps", "seq_len", "micro_batch", "zero_stage", "gradient_checkpointing")
+            for k in (
+                "steps",
+                "seq_len",
+                "micro_batch",
+                "zero_stage",
+                "gradient_checkpointing",
+                "pure_bf16",
+                "liger_kernel",
+            )
         },
         "rows": rows,
     }

@@ -32,6 +32,8 @@ def test_trainer_benchmark_runs_a_method_and_writes_its_row(tmp_path: Path) -> N
         [*args, "--workdir", str(tmp_path / "work"), "--write", str(result)]
     )
     assert written["model"] == "Qwen/Qwen2.5-0.5B (tiny shapes)"
+    # the estimate's switches a GPU run compares (--pure-bf16, --no-liger-kernel), at the API's defaults
+    assert (written["settings"]["pure_bf16"], written["settings"]["liger_kernel"]) == (False, True)
     row, prefix = written["rows"]
     assert (row["method"], row["exitCode"], row["zeroStage"]) == ("lora", 0, 0)
     assert (prefix["method"], prefix["exitCode"]) == ("prefix", 0)  # trains unpacked: prefix cannot pack
