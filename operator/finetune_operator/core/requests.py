@@ -26,9 +26,12 @@ HUB_BYTES_PER_PARAM = 2
 #: What one node is assumed to sustain writing a checkpoint to network storage (bytes per second).
 CHECKPOINT_WRITE_BYTES_PER_SECOND = 200 * 1000**2
 #: Bytes per trainable parameter in a checkpoint: 16-bit weights, plus fp32 master weights and Adam's two
-#: moments for the optimizer (sharded across ranks under ZeRO).
+#: moments for the optimizer (sharded across ranks under ZeRO); under training.pureBf16 the moments are
+#: bf16, and only ZeRO keeps a (bf16) master copy.
 CHECKPOINT_WEIGHT_BYTES = 2
 CHECKPOINT_OPTIMIZER_BYTES = 12
+CHECKPOINT_PURE_BF16_OPTIMIZER_BYTES = 4
+CHECKPOINT_PURE_BF16_MASTER_BYTES = 2
 #: Slack on the write-time estimate, and the fixed time to stop the step and start saving (seconds).
 CHECKPOINT_MARGIN = 1.5
 CHECKPOINT_SETUP_SECONDS = 30
@@ -94,7 +97,12 @@ def worker_requests(
     # Rank 0's node writes the 16-bit trainable weights; every rank its optimizer shard (ZeRO ≥ 1), or
     # rank 0 all of it (ZeRO-0).
     optimizer_share = gpus_per_node / gpus if zero_stage >= 1 else 1.0
-    node_bytes = trainable_params * (CHECKPOINT_WEIGHT_BYTES + CHECKPOINT_OPTIMIZER_BYTES * optimizer_share)
+    optimizer_bytes = CHECKPOINT_OPTIMIZER_BYTES
+    if spec.training.pure_bf16:
+        optimizer_bytes = CHECKPOINT_PURE_BF16_OPTIMIZER_BYTES + (
+            CHECKPOINT_PURE_BF16_MASTER_BYTES if zero_stage >= 1 else 0
+        )
+    node_bytes = trainable_params * (CHECKPOINT_WEIGHT_BYTES + optimizer_bytes * optimizer_share)
     seconds = (
         math.ceil(node_bytes / CHECKPOINT_WRITE_BYTES_PER_SECOND * CHECKPOINT_MARGIN)
         + CHECKPOINT_SETUP_SECONDS
