@@ -177,14 +177,15 @@ class Controller:
             body = fresh
             actions = rejected(job_ref(body), read_status(body), str(exc), datetime.now(UTC))
             await asyncio.to_thread(self.api.apply, body, actions)
-        await self._recovered(body)
+        stored = read_status(body)
+        await self._recovered(body, stored)
         for event in actions.events:
             logger.info("%s: %s", event.reason, event.message)
             events.post(body, event)
         self.metrics.observe(
             namespace,
             name,
-            read_status(body),
+            stored,
             actions.status,
             created=parse_time(body["metadata"].get("creationTimestamp")),
             deadline_seconds=((body.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds"),
@@ -203,10 +204,11 @@ class Controller:
             events.post(body, Event("Warning", "RetryingApiError", message))
             await self._api_error(body, message)
 
-    async def _recovered(self, body: Mapping[str, Any]) -> None:
-        """After a pass whose writes all went through, ApiError (if True) turns False. Not in the pass's
-        own status write: that goes first, and the write that failed before may fail again after it."""
-        condition = get_condition(read_status(body).conditions, ConditionType.API_ERROR)
+    async def _recovered(self, body: Mapping[str, Any], stored: FineTuneJobStatus) -> None:
+        """After a pass whose writes all went through, ApiError (if True in `stored`, the status the pass
+        started from) turns False. Not in the pass's own status write: that goes first, and the write
+        that failed before may fail again after it."""
+        condition = get_condition(stored.conditions, ConditionType.API_ERROR)
         if condition is None or condition.status != "True":
             return
         meta = body["metadata"]
