@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         f"Model {name}: {result.total_params / 1e9:.2f} B parameters, "
         f"{result.trainable_params / 1e6:.2f} M trainable ({share:.2%})",
         f"{setup.method.value}, {setup.precision.value}{' (pure)' if args.pure_bf16 else ''}, "
-        f"{setup.optimizer.value}{', Liger loss' if setup.fused_cross_entropy and setup.zero_stage < 3 else ''}, micro batch "
+        f"{setup.optimizer.value}{', Liger loss' if setup.liger_loss else ''}, micro batch "
         f"{setup.micro_batch_size} x {setup.seq_len} tokens"
         f"{', gradient checkpointing' if setup.gradient_checkpointing else ''}, "
         f"ZeRO-{setup.zero_stage}, offload {setup.offload.value}, {count(setup.world_size, 'GPU')}",

@@ -206,8 +206,7 @@ def estimate(setup: TrainingSetup) -> MemoryEstimate:
         micro_batch=setup.micro_batch_size,
         seq_len=setup.seq_len,
         checkpointing=setup.gradient_checkpointing,
-        # Liger's fused loss reads the head's weight directly, which ZeRO-3 keeps partitioned: not there.
-        fused_loss=setup.fused_cross_entropy and stage < 3,
+        fused_loss=setup.liger_loss,
     )
     # Gradients alive at the start of backward: all of them under accumulation or in ZeRO-3's persistent
     # partition buffer; otherwise (ZeRO-2 frees its partition buffer after each step) only the head's.

@@ -54,6 +54,12 @@ class TrainingSetup:
     fused_cross_entropy: bool = False
 
     @property
+    def liger_loss(self) -> bool:
+        """The loss is Liger's fused one: asked for, and below ZeRO-3, where the trainer leaves Liger off
+        (its fused loss reads the LM head's weight directly, which ZeRO-3 keeps partitioned)."""
+        return self.fused_cross_entropy and self.zero_stage < 3
+
+    @property
     def sixteen_bit(self) -> bool:
         return self.precision in (Precision.BF16, Precision.FP16)
 
