@@ -25,7 +25,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from finetune_trainer.data import cache
-from finetune_trainer.data.bundle import DataBundle
+from finetune_trainer.data.bundle import TOKENS, DataBundle
 from finetune_trainer.data.cache import Collator
 from finetune_trainer.data.collate import FlatteningCollator, PackedRowsCollator, PaddingCollator
 from finetune_trainer.data.encode import Encoder, encode_all
@@ -200,10 +200,6 @@ def _context(
         label_index=label_index,
     )
     return context, names
-
-
-#: Token columns as int32 (vocabularies and -100 fit): half of int64's bytes in memory and in the cache.
-TOKENS = datasets.Sequence(datasets.Value("int32"))
 
 
 def _to_dataset(examples: Sequence[Example], *, packed: bool) -> datasets.Dataset:

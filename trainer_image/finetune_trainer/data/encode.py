@@ -21,6 +21,7 @@ from typing import Any
 
 import datasets
 
+from finetune_trainer.data.bundle import TOKENS
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import EncodeContext, Example, FieldError, Format
 from finetune_trainer.data.packing import chunk, has_trained_token, truncate
@@ -35,8 +36,8 @@ MAX_PROCESSES = 16
 #: What a worker returns per example (`labels` for language modelling, `label` for classification).
 FEATURES = datasets.Features(
     {
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
+        "input_ids": TOKENS,
+        "labels": TOKENS,
         "label": datasets.Value("int64"),
         "kept": datasets.Value("bool"),
         "error": datasets.Value("string"),
