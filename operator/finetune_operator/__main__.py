@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     metrics = build_metrics(retention_seconds=settings.metrics.finished_retention_seconds)
-    api_client = connect(args.kubeconfig)
+    # The writer threads and the two informers' watches each hold a connection.
+    api_client = connect(args.kubeconfig, pool_size=settings.timing.api_threads + 4)
     found = preflight.problems(api_client, settings)
     for problem in found:
         logging.getLogger("finetune_operator").error("cannot act: %s", problem)

@@ -58,16 +58,21 @@ class DoesNotFit(ValueError):
     """The planner found no layout for the job: submitting it would only fail in the cluster."""
 
 
-def connect(kubeconfig: str | None = None) -> client.ApiClient:
+def connect(kubeconfig: str | None = None, pool_size: int | None = None) -> client.ApiClient:
     """An API client: an explicit kubeconfig, else the pod's service account, else $KUBECONFIG or
-    ~/.kube/config (the same order kopf's own login follows)."""
+    ~/.kube/config (the same order kopf's own login follows). `pool_size`: connections kept open to
+    the API server (the client's default is 5 per CPU, too few for threads writing at once)."""
+    configuration = client.Configuration()
     if kubeconfig:
-        return cast(client.ApiClient, config.new_client_from_config(config_file=kubeconfig))  # type: ignore[no-untyped-call]
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
-    except config.ConfigException:
-        return cast(client.ApiClient, config.new_client_from_config())  # type: ignore[no-untyped-call]
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    if pool_size is not None:
+        configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 def default_namespace(kubeconfig: str | None = None) -> str:

@@ -1,42 +1,55 @@
 """One loop per FineTuneJob: read (job, pods) → decide purely → apply once → sleep until woken or due.
 
 `decide` is pure glue over the core (parse, plan, render, refine for the scheduler, reconcile).
-`Controller.run_job` is the body of the kopf daemon kopf runs per job; it reads fresh state from the
-API server on every pass (quorum reads), so nothing it decides depends on a cache or on memory that a
-restart would lose. Pod and job watch events only `wake` the loop early; missing a wake costs at most
-`timing.resync_seconds`.
+`Controller.run_job` is the body of the kopf daemon kopf runs per job; it reads the job and its pods
+from the operator's informer stores (adapters/informer.py: one LIST, then watches), so a pass costs no
+API request unless it has something to write. The stores are rebuilt from the API server after a
+restart, and a store that lags cannot make a pass count a step twice (see the informer's docstring).
+A change to the job's spec or to one of its pods wakes its loop; a running job is also looked at every
+`timing.resync_seconds`, a finished one only when woken or when its TTL is due.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 from pydantic import ValidationError
 
 from finetune_operator.adapters import events
+from finetune_operator.adapters.informer import Document, Informer, Key, Store, namespace_matches
 from finetune_operator.adapters.kube import JobApi
-from finetune_operator.api.models import FineTuneJobStatus
-from finetune_operator.core.desire import SpecProblem, desire, parse_job
+from finetune_operator.api.models import KIND, FineTuneJob, FineTuneJobStatus
+from finetune_operator.core import names
+from finetune_operator.core.desire import Desired, SpecProblem, desire, parse_job
 from finetune_operator.core.gang import JobRef
 from finetune_operator.core.lifecycle import Actions, Event, api_error, reconcile, rejected
 from finetune_operator.core.status import (
+    FINISHED,
     ConditionType,
     NodeView,
     get_condition,
     nodes_to_check,
     parse_time,
     read_worker,
+    worker_fields,
 )
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import refiner_for
 from finetune_operator.settings import Settings
+
+T = TypeVar("T")
+
+#: What a job's spec plans to: the parsed job and its desired objects, or why it cannot run.
+Intent = tuple[FineTuneJob | SpecProblem, Desired | SpecProblem]
 
 
 def read_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
@@ -57,27 +70,54 @@ def job_ref(body: Mapping[str, Any]) -> JobRef:
     )
 
 
+def intend(body: Mapping[str, Any], attempt: int, settings: Settings) -> Intent:
+    """Parse, plan and render the job for gang attempt `attempt`: a function of the spec (its
+    generation), the attempt and the settings only, so the controller keeps it between passes."""
+    job = parse_job(body)
+    if isinstance(job, SpecProblem):
+        return job, job
+    return job, desire(job, job_ref(body), settings.render_options(), attempt, refiner_for(job))
+
+
 def decide(
     body: Mapping[str, Any],
     pods: Sequence[Mapping[str, Any]],
     now: datetime,
     settings: Settings,
     nodes: Mapping[str, NodeView | None] = MappingProxyType({}),
+    intent: Intent | None = None,
 ) -> Actions:
     """The next step for the job `body` with `pods` (and the nodes of its suspect workers): the whole pure
-    pipeline."""
-    ref = job_ref(body)
+    pipeline. `intent` is `intend(body, status.attempt, settings)` when the caller already has it."""
     status = read_status(body)
-    job = parse_job(body)
-    policy = settings.lifecycle_policy()
-    if isinstance(job, SpecProblem):
-        return reconcile(ref, None, status, job, pods, now, policy, nodes)
-    desired = desire(job, ref, settings.render_options(), status.attempt, refiner_for(job))
-    return reconcile(ref, job.spec, status, desired, pods, now, policy, nodes)
+    job, desired = intent or intend(body, status.attempt, settings)
+    spec = None if isinstance(job, SpecProblem) else job.spec
+    return reconcile(job_ref(body), spec, status, desired, pods, now, settings.lifecycle_policy(), nodes)
+
+
+def without_managed_fields(obj: Document) -> Document:
+    """A job as the store keeps it: managedFields are most of a small object and nobody here reads them."""
+    meta = obj.get("metadata") or {}
+    if "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def pod_job_label(pod: Mapping[str, Any]) -> str | None:
+    """The pod store's index: the job-name label every worker carries (`names.selector_labels`)."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(names.LABEL_JOB_NAME)
+
+
+def controlling_job(pod: Mapping[str, Any]) -> str | None:
+    """The FineTuneJob a pod belongs to, by its controller owner reference."""
+    for owner in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if owner.get("kind") == KIND and owner.get("controller"):
+            return str(owner["name"])
+    return None
 
 
 class Controller:
-    """Runs the per-job loops of this operator replica."""
+    """Runs the per-job loops of this operator replica, over the stores its informers keep."""
 
     def __init__(
         self,
@@ -92,17 +132,59 @@ class Controller:
         #: What kept this replica from acting when it started (adapters/preflight.py); the health
         #: endpoint reports it.
         self.preflight_problems = preflight_problems
-        self._wakers: dict[tuple[str, str], asyncio.Event] = {}
+        self.jobs = Store(transform=without_managed_fields)
+        self.pods = Store(index=pod_job_label, transform=worker_fields)
+        self.informers: list[Informer] = []
+        self._wakers: dict[Key, asyncio.Event] = {}
+        self._intents: dict[Key, tuple[tuple[str, int, int], Intent]] = {}
+        #: The threads the synchronous client's writes run in: sized, so a burst of jobs queues here
+        #: rather than in the default pool every other to_thread shares.
+        self._executor = ThreadPoolExecutor(settings.timing.api_threads, thread_name_prefix="finetune-api")
 
     def credentials(self) -> kopf.ConnectionInfo:
         """What kopf logs in with: the adapter's own connection."""
         return self.api.credentials()
 
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the informers (at operator startup, on the loop that runs the job loops)."""
+        namespaces = self.settings.namespaces
+        self.informers = [
+            Informer(self.api.job_source(), self.jobs, namespaces, self._job_changed),
+            Informer(self.api.pod_source(), self.pods, namespaces, self._pod_changed),
+        ]
+        for informer in self.informers:
+            informer.start(loop)
+
+    def stop(self) -> None:
+        for informer in self.informers:
+            informer.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def synced(self) -> None:
+        """Until every store holds a full LIST: a pass before that could take a worker for missing."""
+        for informer in self.informers:
+            await informer.synced.wait()
+
     def wake(self, namespace: str, name: str) -> None:
-        """Reconcile the job soon (a pod or the job changed); a no-op for jobs this replica does not run."""
+        """Reconcile the job soon (a pod or the job changed); a no-op for jobs this replica does not run.
+        Called on the event loop only (asyncio.Event is not thread-safe)."""
         waker = self._wakers.get((namespace, name))
         if waker is not None:
             waker.set()
+
+    def _job_changed(self, job: Document, gone: bool) -> None:
+        # Our own status writes come back as changes too; only spec changes need an early look.
+        status = job.get("status") or {}
+        if gone or job["metadata"].get("generation") != status.get("observedGeneration"):
+            self.wake(job["metadata"]["namespace"], job["metadata"]["name"])
+
+    def _pod_changed(self, pod: Document, gone: bool) -> None:
+        owner = controlling_job(pod)
+        if owner is not None:
+            self.wake(pod["metadata"]["namespace"], owner)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def run_job(
         self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
@@ -114,6 +196,7 @@ class Controller:
         errors = 0
         reported: str | None = None  # the last error posted as an event, so each is posted once
         try:
+            await self.synced()
             while True:
                 delay: float | None
                 try:
@@ -152,32 +235,59 @@ class Controller:
                 await self._sleep(waker, delay)
         finally:
             self._wakers.pop(key, None)
+            self._intents.pop(key, None)
             self.metrics.forget(namespace, name)
+
+    async def _job(self, namespace: str, name: str) -> Document | None:
+        """The job from the store; from the API server (and into the store) when the store has not seen it
+        yet (kopf's own watch can start the daemon a moment before ours delivers the job)."""
+        body = self.jobs.get(namespace, name)
+        if body is None and namespace_matches(namespace, self.settings.namespaces):
+            body = await self._call(self.api.read_job, namespace, name)
+            if body is not None:
+                self.jobs.upsert(body)
+        return body
+
+    def _intent(self, body: Mapping[str, Any], attempt: int) -> Intent:
+        """`intend`, computed again only when the spec (its generation) or the gang attempt changed."""
+        meta = body["metadata"]
+        key, version = (
+            (meta["namespace"], meta["name"]),
+            (meta["uid"], int(meta.get("generation", 1)), attempt),
+        )
+        held = self._intents.get(key)
+        if held is not None and held[0] == version:
+            return held[1]
+        intent = intend(body, attempt, self.settings)
+        self._intents[key] = (version, intent)
+        return intent
 
     async def tick(
         self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
     ) -> tuple[bool, float | None]:
-        """One reconcile; (whether the job still exists, seconds until something is due)."""
-        body = await asyncio.to_thread(self.api.read_job, namespace, name)
+        """One reconcile; (whether the job still exists, seconds until something is due; infinity when
+        nothing will be until an event wakes it)."""
+        body = await self._job(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return False, None
-        pods = await asyncio.to_thread(self.api.list_pods, namespace, name)
+        pods = self.pods.indexed(namespace, names.selector_labels(name)[names.LABEL_JOB_NAME])
         # Only the nodes of workers being deleted or no longer Ready: a healthy gang costs no node reads.
         suspects = nodes_to_check(read_worker(pod) for pod in pods)
-        nodes = await asyncio.to_thread(self.api.read_nodes, suspects) if suspects else {}
-        actions = decide(body, pods, datetime.now(UTC), self.settings, nodes)
+        nodes = await self._call(self.api.read_nodes, suspects) if suspects else {}
+        stored = read_status(body)
+        intent = self._intent(body, stored.attempt)
+        actions = decide(body, pods, datetime.now(UTC), self.settings, nodes, intent)
         try:
-            await asyncio.to_thread(self.api.apply, body, actions)
+            await self._apply(body, actions)
         except kopf.PermanentError as exc:
             # The API server refused an object we rendered (admission, invalid field): retrying the same
             # object cannot help, so the job fails and says why.
-            fresh = await asyncio.to_thread(self.api.read_job, namespace, name)
+            fresh = await self._call(self.api.read_job, namespace, name)
             if fresh is None:
                 return False, None
             body = fresh
             actions = rejected(job_ref(body), read_status(body), str(exc), datetime.now(UTC))
-            await asyncio.to_thread(self.api.apply, body, actions)
-        stored = read_status(body)
+            await self._apply(body, actions)
         await self._recovered(body, stored)
         for event in actions.events:
             logger.info("%s: %s", event.reason, event.message)
@@ -190,14 +300,25 @@ class Controller:
             created=parse_time(body["metadata"].get("creationTimestamp")),
             deadline_seconds=((body.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds"),
         )
+        if actions.requeue_after is None and actions.status.phase in FINISHED:
+            return not actions.delete_job, float("inf")
         return not actions.delete_job, actions.requeue_after
+
+    async def _apply(self, body: Mapping[str, Any], actions: Actions) -> None:
+        """Apply the decision, then put what the API server returned into the stores, so the next pass
+        starts from the writes this one made even before their watch events arrive."""
+        written = await self._call(self.api.apply, body, actions)
+        if written.job is not None:
+            self.jobs.upsert(written.job)
+        for pod in written.pods:
+            self.pods.upsert(pod)
 
     async def _report(self, namespace: str, name: str, message: str) -> None:
         """A Warning event and the ApiError condition on the job for an API error that persists (a
         ResourceQuota, missing RBAC): `kubectl describe ftj`, `kubectl wait` and `ftctl status` show it.
         Best effort: the API may be what is failing."""
         try:
-            body = await asyncio.to_thread(self.api.read_job, namespace, name)
+            body = await self._call(self.api.read_job, namespace, name)
         except (kopf.TemporaryError, kopf.PermanentError):
             return
         if body is not None:
@@ -212,7 +333,7 @@ class Controller:
         if condition is None or condition.status != "True":
             return
         meta = body["metadata"]
-        fresh = await asyncio.to_thread(self.api.read_job, meta["namespace"], meta["name"])
+        fresh = await self._call(self.api.read_job, meta["namespace"], meta["name"])
         if fresh is not None:
             await self._api_error(fresh, None)
 
@@ -222,13 +343,16 @@ class Controller:
         )
         if updated is not None:
             with contextlib.suppress(kopf.TemporaryError, kopf.PermanentError):
-                await asyncio.to_thread(self.api.write_status, body, updated)
+                self.jobs.upsert(await self._call(self.api.write_status, body, updated))
 
     async def _sleep(self, waker: asyncio.Event, delay: float | None) -> None:
-        """Until woken, due, or the resync interval; then a short debounce to batch bursts of events."""
+        """Until woken, due, or (for a job not finished) the resync interval; then a short debounce to
+        batch bursts of events."""
         timing = self.settings.timing
-        timeout = timing.resync_seconds if delay is None else min(max(delay, 0.0), timing.resync_seconds)
+        timeout = timing.resync_seconds if delay is None else max(delay, 0.0)
+        if timeout != float("inf"):
+            timeout = min(timeout, timing.resync_seconds)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waker.wait(), timeout)
+            await asyncio.wait_for(waker.wait(), None if timeout == float("inf") else timeout)
         waker.clear()
         await asyncio.sleep(timing.debounce_seconds)

@@ -1,12 +1,14 @@
 """The kopf wiring, and nothing else: which events reach which controller function.
 
 Registered into an explicit registry by `register` (never at import time). Per job, one daemon runs the
-controller's loop; pod events and spec changes only wake it. kopf runs daemons only in the active
-peer, so of two replicas exactly one acts, and a replica that loses peering stops its loops.
+controller's loop; the controller's own informers (started here at startup) wake it when a pod or the
+spec changes. kopf runs daemons only in the active peer, so of two replicas exactly one acts, and a
+replica that loses peering stops its loops.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -17,9 +19,8 @@ import kopf
 from kopf._core.intents.handlers import DaemonHandler
 
 from finetune_operator.adapters.webhook import build_server
-from finetune_operator.api.models import GROUP, KIND, PLURAL, VERSION
+from finetune_operator.api.models import GROUP, PLURAL, VERSION
 from finetune_operator.controller import Controller
-from finetune_operator.core import names
 from finetune_operator.core.admission import review
 from finetune_operator.settings import Settings
 
@@ -47,6 +48,14 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
             settings.admission.server = build_server(webhook)
             settings.admission.managed = webhook.configuration or None
 
+    @kopf.on.startup(registry=registry)
+    async def start_informers(**_: Any) -> None:
+        controller.start(asyncio.get_running_loop())
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_informers(**_: Any) -> None:
+        controller.stop()
+
     @kopf.on.probe(registry=registry, id="preflight")
     def preflight(**_: Any) -> dict[str, Any]:
         # /healthz shows what kept this replica from acting when it started (empty when nothing).
@@ -63,20 +72,6 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
     ) -> None:
         assert namespace is not None, "FineTuneJobs are namespaced"
         await controller.run_job(namespace, name, logger)
-
-    @kopf.on.event("", "v1", "pods", labels={names.LABEL_JOB_NAME: kopf.PRESENT}, registry=registry)
-    def pod_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-        if namespace is None:
-            return
-        for owner in meta.get("ownerReferences") or []:
-            if owner.get("kind") == KIND and owner.get("controller"):
-                controller.wake(namespace, owner["name"])
-
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def job_changed(meta: kopf.Meta, status: kopf.Status, namespace: str | None, name: str, **_: Any) -> None:
-        # Our own status writes come back as events too; only spec changes need an early look.
-        if namespace is not None and meta.get("generation") != status.get("observedGeneration"):
-            controller.wake(namespace, name)
 
     if webhook.port:
 

@@ -27,9 +27,9 @@ ENV_PREFIX = "FINETUNE_"
 class TimingSettings:
     """How often the operator looks at each job."""
 
-    #: Seconds between two looks at a job when nothing wakes it earlier. Pod and job events wake it at
-    #: once, so this only bounds how late a missed event is noticed; 30 s keeps an idle job at two
-    #: API reads a minute.
+    #: Seconds between two looks at an unfinished job when nothing wakes it earlier. Pod and job events
+    #: wake it at once and a look reads the informer's stores, not the API server, so this costs CPU
+    #: only (a finished job is never looked at unless woken or its TTL is due).
     resync_seconds: float = 30.0
     #: Seconds to wait after a pod event before reconciling, so a gang's burst of events (8 workers
     #: going Running together) becomes one reconcile.
@@ -44,6 +44,9 @@ class TimingSettings:
     #: Seconds a running job's step may stay put before it is marked Stalled (a job's
     #: runPolicy.progressDeadlineSeconds overrides it): half an hour covers loading a large model.
     stalled_after_seconds: float = 1800.0
+    #: Threads the operator's API writes run in (the kubernetes client is synchronous), and the size of
+    #: its connection pool: how many requests can be in flight at once when many jobs start together.
+    api_threads: int = 16
 
 
 @dataclass(frozen=True)

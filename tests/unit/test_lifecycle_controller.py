@@ -95,7 +95,7 @@ def test_events_are_attributed_to_the_operator_replica(monkeypatch: pytest.Monke
     handlers.register(registry, Controller(Settings(), api=None, metrics=build_metrics()), Settings())  # type: ignore[arg-type]
     settings = kopf.OperatorSettings()
     for handler in registry._activities._handlers:
-        if handler.activity == Activity.STARTUP:
+        if handler.activity == Activity.STARTUP and handler.id.endswith(".configure"):
             handler.fn(settings=settings)
     posting = settings.posting
     assert (posting.reporting_component, posting.reporting_instance) == (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -19,6 +20,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from finetune_operator.adapters.informer import Source
 from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
 from finetune_operator.client import server_refusal
 from finetune_operator.core import names
@@ -71,6 +73,20 @@ def classify(exc: Exception, what: str) -> kopf.TemporaryError | kopf.PermanentE
     return kopf.PermanentError(f"{what}: {exc!r}")
 
 
+@dataclass(frozen=True)
+class Written:
+    """What the API server returned for a decision's writes: the job after its status write (None when the
+    status did not change), and the pods created or being deleted."""
+
+    job: dict[str, Any] | None
+    pods: tuple[dict[str, Any], ...]
+
+
+def _document(response: Any) -> dict[str, Any]:
+    """The JSON body of a call made with `_preload_content=False` (the API's camelCase, no client models)."""
+    return cast(dict[str, Any], json.loads(response.data))
+
+
 class JobApi:
     """Reads and writes for FineTuneJobs and the objects they own."""
 
@@ -82,6 +98,24 @@ class JobApi:
 
     def credentials(self) -> kopf.ConnectionInfo:
         return connection_info(self.api_client)
+
+    def job_source(self) -> Source:
+        """How the job informer lists and watches FineTuneJobs."""
+        custom = self.custom
+        return Source(
+            PLURAL,
+            lambda namespace, **kw: custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, **kw
+            ),
+            lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw),
+        )
+
+    def pod_source(self) -> Source:
+        """How the pod informer lists and watches workers: only pods with the job-name label, selected by
+        the API server (a cluster's other pods never reach the operator)."""
+        return Source(
+            "pods", self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces, names.LABEL_JOB_NAME
+        )
 
     # --- reads ------------------------------------------------------------------------------------
 
@@ -97,26 +131,13 @@ class JobApi:
         except Exception as exc:
             raise classify(exc, f"read finetunejob {namespace}/{name}") from exc
 
-    def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        """The job's pods as the API returns them (camelCase JSON, not client models)."""
-        selector = ",".join(f"{k}={v}" for k, v in names.selector_labels(job_name).items())
-        try:
-            response: Any = self.core.list_namespaced_pod(
-                namespace, label_selector=selector, _preload_content=False
-            )
-            items: list[dict[str, Any]] = json.loads(response.data)["items"]
-            return items
-        except Exception as exc:
-            raise classify(exc, f"list pods of {namespace}/{job_name}") from exc
-
     def read_nodes(self, node_names: Iterable[str]) -> dict[str, NodeView | None]:
         """The readiness of these nodes (None: the node no longer exists). A node the operator may not read
         (RBAC without nodes/get) is left out, so its workers are never taken as lost on a guess."""
         found: dict[str, NodeView | None] = {}
         for name in node_names:
             try:
-                response: Any = self.core.read_node(name, _preload_content=False)
-                found[name] = read_node(json.loads(response.data))
+                found[name] = read_node(_document(self.core.read_node(name, _preload_content=False)))
             except ApiException as exc:
                 if exc.status == 404:
                     found[name] = None
@@ -147,10 +168,11 @@ class JobApi:
             "status": status.model_dump(mode="json", by_alias=True, exclude_none=True),
         }
         try:
-            result = self.custom.replace_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body
+            return _document(
+                self.custom.replace_namespaced_custom_object_status(
+                    GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body, _preload_content=False
+                )
             )
-            return cast(dict[str, Any], result)
         except Exception as exc:
             raise classify(exc, f"write status of {meta['namespace']}/{meta['name']}") from exc
 
@@ -189,29 +211,40 @@ class JobApi:
         except Exception as exc:
             raise classify(exc, f"update configmap {meta['namespace']}/{meta['name']}") from exc
 
-    def create_pod(self, pod: Mapping[str, Any]) -> bool:
-        """Create a worker; False when it already exists (another reconcile, or before a restart)."""
+    def create_pod(self, pod: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create a worker and return it as created; None when it already exists (another reconcile, or
+        before a restart)."""
         meta = pod["metadata"]
         try:
-            self.core.create_namespaced_pod(meta["namespace"], cast(Any, pod))
-            return True
+            return _document(
+                self.core.create_namespaced_pod(meta["namespace"], cast(Any, pod), _preload_content=False)
+            )
         except ApiException as exc:
             if exc.status == 409:
-                return False
+                return None
             raise classify(exc, f"create pod {meta['namespace']}/{meta['name']}") from exc
         except Exception as exc:
             raise classify(exc, f"create pod {meta['namespace']}/{meta['name']}") from exc
 
-    def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+    def delete_pod(self, namespace: str, name: str, force: bool = False) -> dict[str, Any] | None:
         """Delete gracefully (the worker gets SIGTERM and its grace period), or with `force` at once: for a
-        pod on a lost node, whose kubelet will never confirm a graceful deletion."""
+        pod on a lost node, whose kubelet will never confirm a graceful deletion. The pod as it now is
+        (terminating), or None when it is gone already."""
         try:
-            self.core.delete_namespaced_pod(
-                name, namespace, propagation_policy="Background", grace_period_seconds=0 if force else None
+            response = _document(
+                self.core.delete_namespaced_pod(
+                    name,
+                    namespace,
+                    propagation_policy="Background",
+                    grace_period_seconds=0 if force else None,
+                    _preload_content=False,
+                )
             )
+            return response if response.get("kind") == "Pod" else None
         except ApiException as exc:
             if exc.status != 404:
                 raise classify(exc, f"delete pod {namespace}/{name}") from exc
+            return None
         except Exception as exc:
             raise classify(exc, f"delete pod {namespace}/{name}") from exc
 
@@ -227,20 +260,23 @@ class JobApi:
         except Exception as exc:
             raise classify(exc, f"delete finetunejob {namespace}/{name}") from exc
 
-    def apply(self, job: Mapping[str, Any], actions: Actions) -> None:
+    def apply(self, job: Mapping[str, Any], actions: Actions) -> Written:
         """Apply a decision: status first (so a crash after it repeats no counted step), then objects."""
         namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        if actions.status_changed:
-            self.write_status(job, actions.status)
+        stored = self.write_status(job, actions.status) if actions.status_changed else None
+        pods: list[dict[str, Any] | None] = []
         for obj in actions.ensure:
             self.ensure(obj)
         for pod_name in actions.delete_pods:
-            self.delete_pod(namespace, pod_name)
+            pods.append(self.delete_pod(namespace, pod_name))
         for pod_name in actions.force_delete_pods:
             log.warning("force-deleting pod %s/%s: its node is lost", namespace, pod_name)
-            self.delete_pod(namespace, pod_name, force=True)
+            pods.append(self.delete_pod(namespace, pod_name, force=True))
         for pod in actions.create_pods:
-            if not self.create_pod(pod):
+            created = self.create_pod(pod)
+            if created is None:
                 log.debug("pod %s/%s already exists", namespace, pod["metadata"]["name"])
+            pods.append(created)
         if actions.delete_job:
             self.delete_job(namespace, name)
+        return Written(stored, tuple(p for p in pods if p is not None))

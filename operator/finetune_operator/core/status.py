@@ -152,8 +152,34 @@ def _waiting(pod_status: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+#: The parts of a pod's metadata and spec `read_worker` (and the operator's pod handling) reads.
+_WORKER_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "deletionTimestamp",
+)
+_WORKER_SPEC = ("nodeName", "schedulingGates")
+
+
+def worker_fields(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The pod trimmed to what `read_worker` reads: the operator's pod cache holds this, not the rendered
+    containers, volumes and managedFields that make up most of a pod's size."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    return {
+        "metadata": {k: meta[k] for k in _WORKER_METADATA if k in meta},
+        "spec": {k: spec[k] for k in _WORKER_SPEC if k in spec},
+        "status": pod.get("status") or {},
+    }
+
+
 def read_worker(pod: Mapping[str, Any]) -> Worker:
-    """Classify one pod document (as the API returns it, camelCase)."""
+    """Classify one pod document (as the API returns it, camelCase; `worker_fields` of it reads the same)."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
