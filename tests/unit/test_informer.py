@@ -69,13 +69,17 @@ def test_a_relist_replaces_the_store_and_reports_what_changed() -> None:
     store.upsert(obj("gone", 2, **{label: "j"}))
     store.upsert(obj("changed", 3, **{label: "j"}))
     store.remove(obj("deleted", 4))
-    changed = store.replace([obj("same", 1, **{label: "j"}), obj("changed", 5, **{label: "j"}), obj("new", 6)])
+    changed = store.replace(
+        [obj("same", 1, **{label: "j"}), obj("changed", 5, **{label: "j"}), obj("new", 6)]
+    )
     assert changed == {("ns", "gone"), ("ns", "changed"), ("ns", "new")}
     assert sorted(p["metadata"]["name"] for p in store.indexed("ns", "j")) == ["changed", "same"]
     assert store.tombstones == {}  # the list is the truth now
 
 
-def test_tombstones_are_pruned_so_a_soak_of_deletions_holds_no_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tombstones_are_pruned_so_a_soak_of_deletions_holds_no_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     store = Store()
     clock = iter(range(0, 10_000, 10))
     monkeypatch.setattr("finetune_operator.adapters.informer.time.monotonic", lambda: float(next(clock)))
@@ -111,7 +115,12 @@ def test_the_stores_trim_what_nobody_reads(state: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("namespace", "patterns", "served"),
-    [("team-a", (), True), ("team-a", ("team-*",), True), ("other", ("team-*", "ml"), False), ("ml", ("ml",), True)],
+    [
+        ("team-a", (), True),
+        ("team-a", ("team-*",), True),
+        ("other", ("team-*", "ml"), False),
+        ("ml", ("ml",), True),
+    ],
 )
 def test_namespace_patterns(namespace: str, patterns: tuple[str, ...], served: bool) -> None:
     assert namespace_matches(namespace, patterns) is served
