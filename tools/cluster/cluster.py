@@ -213,7 +213,13 @@ def kwokctl_config(name: str, net: realnode.Network | None) -> Path:
 
 
 def up(
-    name: str, kubeconfig: Path, nodes_file: Path, crds_dir: Path, real_nodes: int = 0, real_gpus: int = 2
+    name: str,
+    kubeconfig: Path,
+    nodes_file: Path,
+    crds_dir: Path,
+    real_nodes: int = 0,
+    real_gpus: int = 2,
+    audit_policy: Path | None = None,
 ) -> None:
     binaries = [*BINARIES.values(), "kwokctl", "kubectl"]
     if real_nodes:
@@ -237,6 +243,8 @@ def up(
     args += [f"--{flag}-binary={BIN / binary}" for flag, binary in BINARIES.items()]
     args += ["--secure-port=true", "--kube-authorization=true", "--kube-admission=true"]
     args += ["--kubeconfig", str(kubeconfig), "--wait", "120s", "--timeout", "180s"]
+    if audit_policy is not None:  # the API server's audit log: logs/audit.log in the cluster's directory
+        args += ["--kube-audit-policy", str(audit_policy.resolve())]
     try:
         if net is not None:
             realnode.prepare_network(net, log)
@@ -399,10 +407,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--real-gpus", type=int, default=2, help="fake GPUs per real node (default: %(default)s)"
     )
+    parser.add_argument(
+        "--audit-policy", type=Path, help="audit policy file: the API server logs requests to logs/audit.log"
+    )
     opts = parser.parse_args(argv)
     try:
         if opts.command == "up":
-            up(opts.name, opts.kubeconfig.resolve(), opts.nodes, opts.crds, opts.real_nodes, opts.real_gpus)
+            up(
+                opts.name,
+                opts.kubeconfig.resolve(),
+                opts.nodes,
+                opts.crds,
+                opts.real_nodes,
+                opts.real_gpus,
+                opts.audit_policy,
+            )
         elif opts.command == "down":
             down(opts.name, opts.kubeconfig.resolve())
         else:
