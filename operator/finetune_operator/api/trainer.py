@@ -66,6 +66,9 @@ CONFIG_FILE = "trainer_config.yaml"
 #: PyTorch's own. flash_attention_2 needs the flash-attn package, built against the image's CUDA and torch.
 IMAGE_ATTENTION: tuple[AttentionImpl, ...] = (AttentionImpl.SDPA, AttentionImpl.EAGER)
 
+#: libyaml's dumper where PyYAML was built with it (its wheels are), else the pure-Python one.
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 
 class ResolvedPaths(ApiModel):
     """Local paths the operator resolved from the job's URIs (pvc:// becomes a mount path).
@@ -167,7 +170,12 @@ class TrainerConfig(ApiModel):
         return METHODS[self.method.type].peft
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+        # libyaml's emitter (same output, a fifth of the time: the operator renders one per job and attempt).
+        return yaml.dump(
+            self.model_dump(mode="json", by_alias=True, exclude_none=True),
+            Dumper=SAFE_DUMPER,
+            sort_keys=False,
+        )
 
     @classmethod
     def from_yaml(cls, text: str) -> TrainerConfig:

@@ -335,9 +335,19 @@ def plan(
             f"resources.gpus {requested} cannot be spread evenly over nodes of {count(gpn, 'GPU')}; "
             f"use a multiple of the node count"
         )
-    sizes = [n for n in range(1, max_gpus + 1) if layout(n, gpn) is not None]
     configurations = _configurations(spec)
     host = _HostCheck(spec, node_memory)
+    tried: list[tuple[int, Offload, MemoryEstimate]] = []
+    if requested != "auto":  # the count asked for, first: the search below only explains a misfit
+        gpus = int(requested)
+        tried = [
+            (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus)))
+            for s, o in configurations
+        ]
+        for stage, offload, result in tried:
+            if result.per_gpu_bytes <= usable and host.fits(gpus, stage, result):
+                return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
+    sizes = [n for n in range(1, max_gpus + 1) if layout(n, gpn) is not None]
     best: tuple[int, int, Offload, MemoryEstimate] | None = None
     for stage, offload in configurations:
         hit = _smallest_fit(base, sizes, usable, stage, offload)
@@ -354,12 +364,14 @@ def plan(
                 gpus, result = whole, widened
         return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
     gpus = sizes[-1] if requested == "auto" else int(requested)
-    tried = [
-        (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus))) for s, o in configurations
-    ]
-    for stage, offload, result in tried:
-        if result.per_gpu_bytes <= usable and host.fits(gpus, stage, result):
-            return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
+    if requested == "auto":
+        tried = [
+            (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus)))
+            for s, o in configurations
+        ]
+        for stage, offload, result in tried:
+            if result.per_gpu_bytes <= usable and host.fits(gpus, stage, result):
+                return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
     stage, offload, result = min(tried, key=lambda t: t[2].per_gpu_bytes)
     if requested == "auto":
         note = "does not fit on any GPU count up to the planner's limit"
