@@ -275,7 +275,11 @@ class Controller:
         suspects = nodes_to_check(read_worker(pod) for pod in pods)
         nodes = await self._call(self.api.read_nodes, suspects) if suspects else {}
         stored = read_status(body)
-        intent = self._intent(body, stored.attempt)
+        intent: Intent | None = None
+        if stored.phase in FINISHED:  # rarely looked at again: not worth the memory of its rendering
+            self._intents.pop((namespace, name), None)
+        else:
+            intent = self._intent(body, stored.attempt)
         actions = decide(body, pods, datetime.now(UTC), self.settings, nodes, intent)
         try:
             await self._apply(body, actions)

@@ -16,8 +16,8 @@ operator exposes exactly one. Two kinds of series:
   follows the jobs running, not the job history). The namespace's GPU-seconds keep counting what its
   dropped jobs used, so chargeback never loses time.
 
-GPU-seconds are the GPUs of running workers times the time they ran, integrated between reconciles
-(a job is looked at every resync at least) and read live at scrape time. They start from zero when a
+GPU-seconds are the GPUs of running workers times the time they ran: the count changes at the reconcile
+that sees workers start or stop (a pod event wakes it), and the time is read live at scrape time. They start from zero when a
 replica starts: Prometheus reads that as a counter reset, and `increase()` stays right.
 """
 

@@ -27,10 +27,11 @@ ENV_PREFIX = "FINETUNE_"
 class TimingSettings:
     """How often the operator looks at each job."""
 
-    #: Seconds between two looks at an unfinished job when nothing wakes it earlier. Pod and job events
-    #: wake it at once and a look reads the informer's stores, not the API server, so this costs CPU
-    #: only (a finished job is never looked at unless woken or its TTL is due).
-    resync_seconds: float = 30.0
+    #: Seconds between two looks at an unfinished job when nothing wakes it earlier: a safety net only.
+    #: Pod and job events wake it at once, everything timed (backoff, deadlines, Stalled, TTL) schedules
+    #: its own look, and a look reads the informer's stores, not the API server. A finished job is
+    #: never looked at unless woken or its TTL is due.
+    resync_seconds: float = 300.0
     #: Seconds to wait after a pod event before reconciling, so a gang's burst of events (8 workers
     #: going Running together) becomes one reconcile.
     debounce_seconds: float = 0.2
