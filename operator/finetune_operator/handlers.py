@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -43,6 +44,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
         # Seconds a watch stays open before kopf reopens it: bounds how stale a silent watch can get.
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.peering.lifetime = operator_settings.peering.lifetime_seconds
         if webhook.port:
             settings.admission.server = build_server(webhook)
@@ -91,6 +93,21 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
                 raise kopf.AdmissionError(message, code=422)
 
     _daemons_without_finalizer(registry)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf deep-copies every event's body to diff it against the last handled one, for on.create/update
+    handlers; this operator registers none (a unit test keeps it so), and the copy was the largest CPU
+    cost per job event at scale (2 ms of each). Nothing to build, fetch or store."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 def _daemons_without_finalizer(registry: kopf.OperatorRegistry) -> None:

@@ -17,7 +17,7 @@ from finetune_operator import handlers
 from finetune_operator.adapters.kube import classify
 from finetune_operator.controller import Controller, decide
 from finetune_operator.metrics import build_metrics
-from finetune_operator.settings import Settings, from_env
+from finetune_operator.settings import Settings, WebhookSettings, from_env
 
 
 def stored(document: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -87,6 +87,23 @@ def test_the_job_daemon_puts_no_finalizer_on_jobs() -> None:
     daemons = [h for h in registry._spawning._handlers if isinstance(h, DaemonHandler)]
     assert len(daemons) == 1 and daemons[0].requires_finalizer is False
     assert all(getattr(h, "requires_finalizer", False) in (False, None) for h in registry._changing._handlers)
+
+
+@pytest.mark.parametrize("webhook_port", [0, 9443])
+def test_no_handler_needs_kopfs_diff_base_so_the_operator_skips_it(webhook_port: int) -> None:
+    settings = Settings(webhook=WebhookSettings(port=webhook_port))
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, Controller(settings, api=None, metrics=build_metrics()), settings)  # type: ignore[arg-type]
+    # kopf diffs bodies only for on.create/update/delete/resume/field handlers: with one of those, the
+    # empty diff base would make every event look like a creation.
+    assert registry._changing._handlers == []
+    kopf_settings = kopf.OperatorSettings()
+    for handler in registry._activities._handlers:
+        if handler.activity == Activity.STARTUP and handler.id.endswith(".configure"):
+            handler.fn(settings=kopf_settings)
+    assert isinstance(kopf_settings.persistence.diffbase_storage, handlers.NoDiffBase)
+    body = kopf.Body({"metadata": {"name": "j"}, "spec": {"x": 1}})
+    assert kopf_settings.persistence.diffbase_storage.build(body=body) == {}
 
 
 def test_events_are_attributed_to_the_operator_replica(monkeypatch: pytest.MonkeyPatch) -> None:
