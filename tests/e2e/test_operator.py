@@ -1,7 +1,7 @@
 """The operator as a real process against the local control plane with KWOK GPU nodes.
 
 Each test gets its own namespace and its own operator (`python -m finetune_operator --namespace NS
---standalone`), with short resync and restart backoffs from the environment so a whole-gang restart
+--standalone`), with short restart backoffs from the environment so a whole-gang restart
 takes about a second. KWOK makes scheduled pods Running; `finish_pod` ends them with an exit code.
 """
 
@@ -11,10 +11,12 @@ import contextlib
 import copy
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import watch
 from kubernetes.client import (
     CoreV1Api,
     CustomObjectsApi,
@@ -65,7 +68,7 @@ EXAMPLE = REPO / "examples" / "llama2-7b-alpaca-lora.yaml"
 TIMEOUT = 60.0
 #: Fast loops for tests: a whole-gang restart waits 0.5 s, a missed event costs at most 1 s.
 OPERATOR_ENV = {
-    "FINETUNE_TIMING_RESYNC_SECONDS": "1",
+    "FINETUNE_TIMING_RESYNC_SECONDS": "30",  # events and timed rules drive every test, not the resync
     "FINETUNE_TIMING_DEBOUNCE_SECONDS": "0.05",
     "FINETUNE_TIMING_ERROR_BACKOFF_SECONDS": "0.2",
     "FINETUNE_RESTARTS_BACKOFF_SECONDS": "0.5",
@@ -1248,3 +1251,146 @@ def test_a_quota_that_keeps_refusing_a_worker_is_an_event_then_clears(
         "Running, ApiError False",
     )
     assert condition(running, "ApiError")["reason"] == "Recovered"
+
+
+# --- chaos ----------------------------------------------------------------------------------------------
+
+#: Per kind of job in the chaos test: how many, and what it must end as (phase or None for deleted,
+#: restarts counted, pod incarnations created).
+CHAOS_JOBS = {
+    "succeed": (5, "Succeeded", 0, 1),
+    "retry": (5, "Succeeded", 1, 2),  # exit 1 once: one whole-gang restart, then success
+    "config": (3, "Failed", 0, 1),  # exit 78: failed at once, never retried
+    "suspend": (4, "Succeeded", 0, 2),  # suspended (workers deleted), resumed (recreated), then success
+    "delete": (3, None, 0, 1),  # deleted while running: nothing of it is left
+}
+CHAOS_KILLS = sum(n for n, *_ in CHAOS_JOBS.values())  # 20: one after each job's creation but the first
+
+
+class PodLedger:
+    """Every pod incarnation (uid) a watch of the namespace saw, by job: a restart counted twice, or a
+    worker created twice, shows up as one too many."""
+
+    def __init__(self, core: CoreV1Api, namespace: str) -> None:
+        self.core, self.namespace = core, namespace
+        self.uids: dict[str, set[str]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        listed = self.core.list_namespaced_pod(self.namespace, _preload_content=False)
+        version = json.loads(listed.data)["metadata"]["resourceVersion"]
+        while not self.stop.is_set():
+            stream = watch.Watch().stream(
+                self.core.list_namespaced_pod,
+                self.namespace,
+                resource_version=version,
+                timeout_seconds=2,
+                _preload_content=False,
+            )
+            for event in stream:
+                pod = event["raw_object"]
+                version = pod["metadata"]["resourceVersion"]
+                job = (pod["metadata"].get("labels") or {}).get("finetune.dev/job-name")
+                if job is not None:
+                    self.uids.setdefault(job, set()).add(pod["metadata"]["uid"])
+
+
+def chaos_step(api: CustomObjectsApi, core: CoreV1Api, ns: str, name: str, kind: str, done: set[str]) -> bool:
+    """Move one job of the chaos test along from what the API server says now (idempotent: a step is
+    keyed on what the pods and status show, so repeating it is harmless); True once it is where it
+    should end."""
+    try:
+        status = get(api, ns, name).get("status") or {}
+    except ApiException as exc:
+        assert exc.status == 404, exc
+        return kind == "delete" and not worker_pods(core, ns, name)
+    live = [p for p in worker_pods(core, ns, name) if not p.metadata.deletion_timestamp]
+    running = [p for p in live if p.status.phase == "Running"]
+    attempt = running[0].metadata.labels["finetune.dev/attempt"] if running else None
+    phase = status.get("phase")
+    if kind == "delete":
+        if running:
+            api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        return False
+    if phase in ("Succeeded", "Failed"):
+        return not [p for p in live if p.status.phase in ("Pending", "Running")]
+    if kind == "suspend":
+        suspended = (get(api, ns, name)["spec"].get("runPolicy") or {}).get("suspend", False)
+        if running and "suspended" not in done:
+            patch = {"spec": {"runPolicy": {"suspend": True}}}
+            api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+            done.add("suspended")
+        elif suspended and phase == "Suspended" and not live:
+            patch = {"spec": {"runPolicy": {"suspend": False}}}
+            api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+            done.add("resumed")
+        elif running and "resumed" in done and not suspended:
+            finish_pod(core, ns, running[0].metadata.name, 0)
+        return False
+    if running:
+        code = {"succeed": 0, "config": 78, "retry": 1 if attempt == "0" else 0}[kind]
+        finish_pod(core, ns, running[0].metadata.name, code)
+    return False
+
+
+def test_kill_9_twenty_times_while_jobs_run_fail_restart_suspend_and_go_every_job_ends_right(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """Chaos: the operator is killed (SIGKILL) and restarted 20 times at random moments while 20 jobs
+    are created, run, fail, restart, suspend, resume and are deleted. Every job must end as it should,
+    with its restarts counted once, no worker created one time too many, and no pod left behind."""
+    ns = operator.namespace
+    ledger = PodLedger(core, ns)
+    rng = random.Random(14)
+    jobs = {f"{kind}-{i}": kind for kind, (n, *_) in CHAOS_JOBS.items() for i in range(n)}
+    # One job is created after each kill, in a shuffled order: every kill finds jobs in flight.
+    waiting = rng.sample(sorted(jobs), len(jobs))
+    created: list[str] = []
+    finished: set[str] = set()
+    steps: dict[str, set[str]] = {name: set() for name in jobs}
+    kills = 0
+    next_kill = time.monotonic()
+    deadline = time.monotonic() + 300
+    try:
+        while len(finished) < len(jobs):
+            assert time.monotonic() < deadline, (
+                f"not converged: {sorted(set(jobs) - finished)} ({kills} kills)\n{operator.tail()}"
+            )
+            if waiting and time.monotonic() >= next_kill:
+                if created:
+                    operator.kill9()
+                    operator.start()
+                    kills += 1
+                created.append(waiting.pop())
+                create(api, ns, example(created[-1]))
+                next_kill = time.monotonic() + rng.uniform(1.0, 4.0)
+            for name in created:
+                # A step now and then, not at once: each job's life spans several kills.
+                if name in finished or rng.random() > 0.15:
+                    continue
+                if chaos_step(api, core, ns, name, jobs[name], steps[name]):
+                    finished.add(name)
+            time.sleep(0.1)
+        operator.kill9()  # the 20th kill, on an operator with nothing left to do
+        operator.start()
+        kills += 1
+        assert kills == CHAOS_KILLS
+        time.sleep(3)  # the last operator has listed everything: nothing more must happen
+    finally:
+        ledger.stop.set()
+        ledger.thread.join(timeout=10)
+    for name, kind in jobs.items():
+        _, phase, restarts, incarnations = CHAOS_JOBS[kind]
+        if phase is None:
+            with pytest.raises(ApiException) as gone:
+                get(api, ns, name)
+            assert gone.value.status == 404
+        else:
+            status = get(api, ns, name)["status"]
+            assert (status["phase"], status.get("restarts", 0)) == (phase, restarts), (name, status)
+            if kind == "config":
+                assert condition(status, "Failed")["reason"] == "ConfigError"
+        assert not [p for p in worker_pods(core, ns, name) if p.status.phase in ("Pending", "Running")]
+        assert len(ledger.uids.get(name, ())) == incarnations, (name, ledger.uids.get(name))
