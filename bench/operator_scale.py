@@ -10,7 +10,8 @@ threads) in a fresh namespace, and this records, per run:
 - pods_created_p50_s / p99_s: from a job's create call returning to both its pods being seen by a watch;
 - running_p99_s: to both being Running (KWOK plays the kubelets);
 - cpu_s: the operator's CPU time from the first create to every job running;
-- peak_rss_mib: the operator process's peak resident memory (VmHWM);
+- peak_rss_mib, idle_rss_mib: the operator process's peak resident memory (VmHWM), and what it holds
+  once the N jobs run (VmRSS at the end of the idle window);
 - idle_cpu_pct: its CPU over IDLE_SECONDS afterwards, with the N jobs running and nothing changing;
 - api_requests_per_job: the requests the API server's audit log attributes to it (by user agent), from
   the first create to every job running, per job.
@@ -18,6 +19,8 @@ threads) in a fresh namespace, and this records, per run:
 Kubeflow runs "tuned" (client QPS/burst raised from 20/30 to 1000/1000, as its defaults throttle it
 to tens of seconds at 200 jobs) with PyTorchJobs of one Master and one Worker of 8 GPUs each; ours
 runs FineTuneJobs of a LoRA on a 7B model with `gpus: 16`, which plans 2 workers of 8.
+
+BENCH_PROFILE=PATH runs ours under cProfile (its event-loop thread) and writes the profile to PATH.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Run:
     running_p99_s: float
     cpu_s: float
     peak_rss_mib: float
+    idle_rss_mib: float
     idle_cpu_pct: float
     api_requests_per_job: float
     settings: str
@@ -104,11 +108,12 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_peak_rss_mib(pid: int) -> float:
+def proc_rss_mib(pid: int, field: str = "VmHWM") -> float:
+    """The process's peak (VmHWM) or current (VmRSS) resident memory."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
 def cluster(*args: str) -> None:
@@ -315,7 +320,9 @@ def mount_kubeflow_certs(core: CoreV1Api) -> bool:
 
 def start_operator(operator: str, log: Path, core: CoreV1Api) -> subprocess.Popen[bytes]:
     if operator == "ours":
-        profile = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if "BENCH_PROFILE" in os.environ else []
+        profile = (
+            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if "BENCH_PROFILE" in os.environ else []
+        )
         command = [
             sys.executable, *profile, "-m", "finetune_operator", "--kubeconfig", str(KUBECONFIG), "--standalone",
             "--metrics-port", "0", "--health-port", str(HEALTH_PORT),
@@ -419,7 +426,8 @@ def one_run(api_client: ApiClient, operator: str, jobs: int, logs: Path) -> Run:
             pods_created_p99_s=round(percentile(pods_created, 0.99), 3),
             running_p99_s=round(percentile(running, 0.99), 3),
             cpu_s=round(cpu_busy, 2),
-            peak_rss_mib=round(proc_peak_rss_mib(proc.pid), 1),
+            peak_rss_mib=round(proc_rss_mib(proc.pid), 1),
+            idle_rss_mib=round(proc_rss_mib(proc.pid, "VmRSS"), 1),
             idle_cpu_pct=round(idle, 2),
             api_requests_per_job=round(requests / jobs, 1),
             settings="tuned: --kube-api-qps=1000 --kube-api-burst=1000"

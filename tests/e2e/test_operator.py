@@ -611,7 +611,7 @@ def test_operator_killed_mid_job_readopts_its_pods_without_duplicates(
     wait_job(api, operator, name, phase_is("Running"), "Running")
     operator.kill9()
     operator.start()
-    time.sleep(3)  # several resync periods of the new process
+    time.sleep(3)  # the new process has listed the job and its pods, and acted on them
     after = worker_pods(core, ns, name)
     assert [(p.metadata.name, p.metadata.uid) for p in after] == [
         (p.metadata.name, p.metadata.uid) for p in before

@@ -337,16 +337,24 @@ def plan(
         )
     configurations = _configurations(spec)
     host = _HostCheck(spec, node_memory)
-    tried: list[tuple[int, Offload, MemoryEstimate]] = []
-    if requested != "auto":  # the count asked for, first: the search below only explains a misfit
-        gpus = int(requested)
+
+    def at(gpus: int) -> tuple[Plan | None, list[tuple[int, Offload, MemoryEstimate]]]:
+        """The first configuration that fits on exactly `gpus` (None if none does), and every estimate."""
         tried = [
             (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus)))
             for s, o in configurations
         ]
         for stage, offload, result in tried:
             if result.per_gpu_bytes <= usable and host.fits(gpus, stage, result):
-                return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
+                return _planned(
+                    spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note=""
+                ), tried
+        return None, tried
+
+    if requested != "auto":  # the count asked for, first: the search below only explains a misfit
+        fitted, tried = at(int(requested))
+        if fitted is not None:
+            return fitted
     sizes = [n for n in range(1, max_gpus + 1) if layout(n, gpn) is not None]
     best: tuple[int, int, Offload, MemoryEstimate] | None = None
     for stage, offload in configurations:
@@ -365,13 +373,9 @@ def plan(
         return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
     gpus = sizes[-1] if requested == "auto" else int(requested)
     if requested == "auto":
-        tried = [
-            (s, o, estimate(replace(base, zero_stage=s, offload=o, world_size=gpus)))
-            for s, o in configurations
-        ]
-        for stage, offload, result in tried:
-            if result.per_gpu_bytes <= usable and host.fits(gpus, stage, result):
-                return _planned(spec, gpus, stage, offload, result, gpn, usable, gpu_type, fits=True, note="")
+        fitted, tried = at(gpus)
+        if fitted is not None:
+            return fitted
     stage, offload, result = min(tried, key=lambda t: t[2].per_gpu_bytes)
     if requested == "auto":
         note = "does not fit on any GPU count up to the planner's limit"
