@@ -127,7 +127,13 @@ def test_crds_are_installed_and_explained(cluster: Cluster) -> None:
         conditions = extensions.read_custom_resource_definition(name).status.conditions
         assert {c.type: c.status for c in conditions}["Established"] == "True", name
 
-    explain = cluster.kubectl("explain", "finetunejob.spec").stdout
+    # The API server publishes a CRD's schema to OpenAPI some time after it is Established (seconds on
+    # a loaded machine), and `kubectl explain` fails until then.
+    deadline = time.monotonic() + 60
+    while (result := cluster.kubectl("explain", "finetunejob.spec", check=False)).returncode != 0:
+        assert time.monotonic() < deadline, f"kubectl explain failed for 60 s: {result.stderr}"
+        time.sleep(1)
+    explain = result.stdout
     assert "KIND:       FineTuneJob" in explain
     assert "GROUP:      finetune.dev" in explain
     for field in ("method", "model", "dataset", "resources", "output"):
