@@ -86,10 +86,13 @@ def decide(
     settings: Settings,
     nodes: Mapping[str, NodeView | None] = MappingProxyType({}),
     intent: Intent | None = None,
+    status: FineTuneJobStatus | None = None,
 ) -> Actions:
     """The next step for the job `body` with `pods` (and the nodes of its suspect workers): the whole pure
-    pipeline. `intent` is `intend(body, status.attempt, settings)` when the caller already has it."""
-    status = read_status(body)
+    pipeline. `status` is `read_status(body)` and `intent` is `intend(body, status.attempt, settings)`
+    when the caller already has them (the controller does: one parse of the status per pass)."""
+    if status is None:
+        status = read_status(body)
     job, desired = intent or intend(body, status.attempt, settings)
     spec = None if isinstance(job, SpecProblem) else job.spec
     return reconcile(job_ref(body), spec, status, desired, pods, now, settings.lifecycle_policy(), nodes)
@@ -280,7 +283,7 @@ class Controller:
             self._intents.pop((namespace, name), None)
         else:
             intent = self._intent(body, stored.attempt)
-        actions = decide(body, pods, datetime.now(UTC), self.settings, nodes, intent)
+        actions = decide(body, pods, datetime.now(UTC), self.settings, nodes, intent, stored)
         try:
             await self._apply(body, actions)
         except kopf.PermanentError as exc:
