@@ -211,8 +211,11 @@ class Controller:
                 except kopf.TemporaryError as exc:
                     errors += 1
                     self.metrics.reconcile_errors.labels("temporary").inc()
-                    delay = min(
-                        timing.error_backoff_seconds * 2 ** (errors - 1), timing.error_backoff_max_seconds
+                    delay = max(  # never sooner than the server asked (Retry-After)
+                        min(
+                            timing.error_backoff_seconds * 2 ** (errors - 1), timing.error_backoff_max_seconds
+                        ),
+                        exc.delay or 0.0,
                     )
                     logger.warning("reconcile failed, retrying in %.1fs: %s", delay, exc)
                     if errors >= timing.report_errors_after and str(exc) != reported:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 import yaml
 from kubernetes import watch
 from kubernetes.client import (
@@ -58,7 +59,8 @@ from finetune_operator.client import DoesNotFit, FineTuneClient
 from finetune_operator.core.plan import plan
 from finetune_trainer.progress import PodAnnotationReporter
 
-from .conftest import BIN, REPO, Cluster
+from .conftest import BIN, REPO, Cluster, cluster_script
+from .faults import Fault, FaultProxy, Request, Rule
 from .kwok import finish_pod, wait_for_pod_gone
 
 pytestmark = pytest.mark.cluster
@@ -1264,12 +1266,16 @@ CHAOS_JOBS = {
     "suspend": (4, "Succeeded", 0, 2),  # suspended (workers deleted), resumed (recreated), then success
     "delete": (3, None, 0, 1),  # deleted while running: nothing of it is left
 }
-CHAOS_KILLS = sum(n for n, *_ in CHAOS_JOBS.values())  # 20: one after each job's creation but the first
+CHAOS_DISRUPTIONS = sum(
+    n for n, *_ in CHAOS_JOBS.values()
+)  # 20: before each job's creation but the first, and at the end
 
 
 class PodLedger:
     """Every pod incarnation (uid) a watch of the namespace saw, by job: a restart counted twice, or a
-    worker created twice, shows up as one too many."""
+    worker created twice, shows up as one too many. The watch resumes from its last resourceVersion
+    after an error, and lists again when a restarted API server no longer has it (410): the test restarts
+    the control plane synchronously, so nothing is created and deleted unseen in between."""
 
     def __init__(self, core: CoreV1Api, namespace: str) -> None:
         self.core, self.namespace = core, namespace
@@ -1279,22 +1285,44 @@ class PodLedger:
         self.thread.start()
 
     def _run(self) -> None:
-        listed = self.core.list_namespaced_pod(self.namespace, _preload_content=False)
-        version = json.loads(listed.data)["metadata"]["resourceVersion"]
+        version: str | None = None
         while not self.stop.is_set():
-            stream = watch.Watch().stream(
-                self.core.list_namespaced_pod,
-                self.namespace,
-                resource_version=version,
-                timeout_seconds=2,
-                _preload_content=False,
-            )
-            for event in stream:
-                pod = event["raw_object"]
-                version = pod["metadata"]["resourceVersion"]
-                job = (pod["metadata"].get("labels") or {}).get("finetune.dev/job-name")
-                if job is not None:
-                    self.uids.setdefault(job, set()).add(pod["metadata"]["uid"])
+            try:
+                if version is None:  # at first, and when the API server restarted and forgot older versions
+                    listed = json.loads(
+                        self.core.list_namespaced_pod(self.namespace, _preload_content=False).data
+                    )
+                    for pod in listed["items"]:
+                        self._saw(pod)
+                    version = listed["metadata"]["resourceVersion"]
+                stream = watch.Watch().stream(
+                    self.core.list_namespaced_pod,
+                    self.namespace,
+                    resource_version=version,
+                    timeout_seconds=2,
+                    _preload_content=False,
+                )
+                for event in stream:
+                    version = event["raw_object"]["metadata"]["resourceVersion"]
+                    self._saw(event["raw_object"])
+            except ApiException as exc:
+                if exc.status == 410:
+                    version = None
+                self.stop.wait(0.1)
+            except (OSError, urllib3.exceptions.HTTPError):
+                self.stop.wait(0.1)  # the API server is restarting: resume from `version`
+
+    def _saw(self, pod: dict[str, Any]) -> None:
+        job = (pod["metadata"].get("labels") or {}).get("finetune.dev/job-name")
+        if job is not None:
+            self.uids.setdefault(job, set()).add(pod["metadata"]["uid"])
+
+    def __enter__(self) -> PodLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
 
 
 def chaos_step(api: CustomObjectsApi, core: CoreV1Api, ns: str, name: str, kind: str, done: set[str]) -> bool:
@@ -1335,52 +1363,56 @@ def chaos_step(api: CustomObjectsApi, core: CoreV1Api, ns: str, name: str, kind:
     return False
 
 
-def test_kill_9_twenty_times_while_jobs_run_fail_restart_suspend_and_go_every_job_ends_right(
-    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+def chaos(
+    api: CustomObjectsApi,
+    core: CoreV1Api,
+    operator: Operator,
+    disrupt: Callable[[int], None],
+    *,
+    seed: int = 14,
+    timeout: float = 300,
 ) -> None:
-    """Chaos: the operator is killed (SIGKILL) and restarted 20 times at random moments while 20 jobs
-    are created, run, fail, restart, suspend, resume and are deleted. Every job must end as it should,
-    with its restarts counted once, no worker created one time too many, and no pod left behind."""
+    """The chaos run: the 20 jobs of CHAOS_JOBS are created one at a time in a shuffled order, with
+    `disrupt(n)` before each but the first (and once more at the end, with nothing left to do), at random
+    moments, while every job is moved along its life a step now and then. Then every job must have ended
+    as it should, with its restarts counted once, no worker created one time too many, and no pod left
+    behind."""
     ns = operator.namespace
-    ledger = PodLedger(core, ns)
-    rng = random.Random(14)
+    rng = random.Random(seed)
     jobs = {f"{kind}-{i}": kind for kind, (n, *_) in CHAOS_JOBS.items() for i in range(n)}
-    # One job is created after each kill, in a shuffled order: every kill finds jobs in flight.
     waiting = rng.sample(sorted(jobs), len(jobs))
     created: list[str] = []
     finished: set[str] = set()
     steps: dict[str, set[str]] = {name: set() for name in jobs}
-    kills = 0
-    next_kill = time.monotonic()
-    deadline = time.monotonic() + 300
-    try:
+    disruptions = 0
+    next_disruption = time.monotonic()
+    deadline = time.monotonic() + timeout
+    with PodLedger(core, ns) as ledger:
         while len(finished) < len(jobs):
             assert time.monotonic() < deadline, (
-                f"not converged: {sorted(set(jobs) - finished)} ({kills} kills)\n{operator.tail()}"
+                f"not converged: {sorted(set(jobs) - finished)} ({disruptions} disruptions)\n{operator.tail()}"
             )
-            if waiting and time.monotonic() >= next_kill:
+            if waiting and time.monotonic() >= next_disruption:
                 if created:
-                    operator.kill9()
-                    operator.start()
-                    kills += 1
+                    disrupt(disruptions)
+                    disruptions += 1
                 created.append(waiting.pop())
                 create(api, ns, example(created[-1]))
-                next_kill = time.monotonic() + rng.uniform(1.0, 4.0)
+                next_disruption = time.monotonic() + rng.uniform(1.0, 4.0)
             for name in created:
-                # A step now and then, not at once: each job's life spans several kills.
+                # A step now and then, not at once: each job's life spans several disruptions.
                 if name in finished or rng.random() > 0.15:
                     continue
                 if chaos_step(api, core, ns, name, jobs[name], steps[name]):
                     finished.add(name)
             time.sleep(0.1)
-        operator.kill9()  # the 20th kill, on an operator with nothing left to do
-        operator.start()
-        kills += 1
-        assert kills == CHAOS_KILLS
-        time.sleep(3)  # the last operator has listed everything: nothing more must happen
-    finally:
-        ledger.stop.set()
-        ledger.thread.join(timeout=10)
+        disrupt(disruptions)  # the last one, on an operator with nothing left to do
+        disruptions += 1
+        assert disruptions == CHAOS_DISRUPTIONS
+        time.sleep(3)  # the operator has listed everything again: nothing more must happen
+    assert operator.proc is not None and operator.proc.poll() is None, (
+        f"the operator exited\n{operator.tail()}"
+    )
     for name, kind in jobs.items():
         _, phase, restarts, incarnations = CHAOS_JOBS[kind]
         if phase is None:
@@ -1394,3 +1426,103 @@ def test_kill_9_twenty_times_while_jobs_run_fail_restart_suspend_and_go_every_jo
                 assert condition(status, "Failed")["reason"] == "ConfigError"
         assert not [p for p in worker_pods(core, ns, name) if p.status.phase in ("Pending", "Running")]
         assert len(ledger.uids.get(name, ())) == incarnations, (name, ledger.uids.get(name))
+
+
+def test_kill_9_twenty_times_while_jobs_run_fail_restart_suspend_and_go_every_job_ends_right(
+    api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """Chaos: the operator is killed (SIGKILL) and restarted 20 times at random moments while 20 jobs
+    are created, run, fail, restart, suspend, resume and are deleted."""
+
+    def kill_and_restart(_: int) -> None:
+        operator.kill9()
+        operator.start()
+
+    chaos(api, core, operator, kill_and_restart)
+
+
+def test_the_control_plane_restarts_five_times_under_the_chaos_and_the_operator_recovers_by_itself(
+    cluster: Cluster, api: CustomObjectsApi, core: CoreV1Api, operator: Operator
+) -> None:
+    """kube-apiserver (with etcd and the controllers) is stopped and started again 5 times while the 20
+    chaos jobs run: the operator's watches break and its writes fail, and it must carry on by itself, the
+    same process, with every job ending right."""
+    restarts: list[float] = []
+
+    def restart_control_plane(n: int) -> None:
+        if n % 4 == 3:  # every 4th disruption of 20
+            begun = time.monotonic()
+            done = cluster_script("restart", "--name", cluster.name, "--kubeconfig", str(cluster.kubeconfig))
+            assert done.returncode == 0, done.stderr
+            restarts.append(time.monotonic() - begun)
+
+    chaos(api, core, operator, restart_control_plane)
+    assert len(restarts) == 5, restarts
+
+
+# --- API faults the real server does not give on demand -------------------------------------------------
+
+#: Seconds the injected 429s ask clients to wait: longer than the e2e operator's 0.2 s error backoff, so a
+#: retry that ignored the header would show.
+RETRY_AFTER = 2
+
+
+def _status_write(r: Request) -> bool:
+    return (
+        r.method in ("PUT", "PATCH")
+        and r.path.startswith("/apis/finetune.dev/")
+        and r.path.endswith("/status")
+    )
+
+
+#: The faults the chaos run goes through, one set after each job's creation (20 in all, each set 4 times):
+#: 409 on status writes, 429 with Retry-After, 500s, watches ended with 410 Gone, and slow answers.
+FAULT_SETS: list[list[Rule]] = [
+    [Rule(_status_write, Fault("conflict", status=409), 0.5)],
+    [Rule(lambda r: not r.watch, Fault("throttled", status=429, retry_after=RETRY_AFTER), 0.3)],
+    [Rule(lambda r: not r.watch, Fault("error", status=500), 0.3)],
+    [Rule(lambda r: r.watch, Fault("expired", status=410), 0.5)],
+    [Rule(lambda r: True, Fault("slow", delay=0.8), 0.5)],
+]
+
+
+def test_api_faults_409_429_500_410_and_slow_answers_are_retried_and_every_job_ends_right(
+    cluster: Cluster, namespace: str, claims: None, core: CoreV1Api, api: CustomObjectsApi, tmp_path: Path
+) -> None:
+    """The chaos jobs run while the operator reaches the API server only through a proxy that answers
+    its requests (and kopf's) with conflicts, throttling with Retry-After, server errors, expired watches
+    and delays, a different set after each job's creation. Every job must end right (no update lost or
+    applied twice), the operator must not crash, and no throttled request may come again sooner than
+    the server asked."""
+    core.create_namespaced_service_account(
+        namespace, V1ServiceAccount(metadata=V1ObjectMeta(name="finetune-trainer"))
+    )
+    with FaultProxy(cluster.api_client.configuration, seed=14) as proxy:
+        operator = Operator(
+            cluster,
+            namespace,
+            tmp_path / "operator.log",
+            kubeconfig=proxy.kubeconfig(tmp_path / "proxy.kubeconfig"),
+        ).start()
+        try:
+            chaos(api, core, operator, lambda n: setattr(proxy, "rules", FAULT_SETS[n % len(FAULT_SETS)]))
+        finally:
+            operator.stop()
+            print(f"--- operator log ({operator.log}) ---\n{operator.tail(80)}")
+        seen = list(proxy.seen)
+    given = {
+        kind: len([s for s in seen if s.fault == kind])
+        for kind in ("conflict", "throttled", "error", "expired", "slow")
+    }
+    assert all(given.values()), given  # every kind of fault was really given
+    # No throttled request of ours came again sooner than Retry-After (and some did come again).
+    gaps = []
+    for i, refused in enumerate(seen):
+        if refused.fault == "throttled" and refused.request.ours:
+            again = next((s for s in seen[i + 1 :] if s.request.key == refused.request.key), None)
+            if again is not None:
+                gaps.append((again.at - refused.at, refused.request))
+    assert gaps, "no throttled request of the operator's was sent again"
+    assert min(gap for gap, _ in gaps) >= RETRY_AFTER - 0.05, min(gaps, key=lambda g: g[0])
+    log = operator.log.read_text(errors="replace")
+    assert "Traceback" not in log and "unexpected error" not in log, operator.tail(80)

@@ -176,3 +176,14 @@ def test_api_error_messages_come_from_the_status_body() -> None:
         {"kind": "Status", "message": 'Pod "x" is invalid: spec.priorityClassName: not found'}
     )
     assert "spec.priorityClassName: not found" in str(classify(error, "create pod ns/x"))
+
+
+@pytest.mark.parametrize(("header", "delay"), [("3", 3.0), ("0.5", 0.5), ("soon", None), (None, None)])
+def test_a_throttled_call_waits_as_long_as_the_server_asked(header: str | None, delay: float | None) -> None:
+    """429 with Retry-After (API priority and fairness): the retry comes no sooner than the header says;
+    a missing or unreadable header leaves the controller's own backoff."""
+    error = ApiException(status=429, reason="Too Many Requests")
+    error.headers = {"Retry-After": header} if header is not None else {}
+    classified = classify(error, "write status ns/x")
+    assert isinstance(classified, kopf.TemporaryError)
+    assert classified.delay == delay

@@ -3,6 +3,7 @@
     python tools/cluster/cluster.py up   [--name NAME] [--kubeconfig PATH] [--nodes FILE] [--crds DIR]
                                          [--real-nodes N] [--real-gpus G]
     python tools/cluster/cluster.py down [--name NAME] [--kubeconfig PATH]
+    python tools/cluster/cluster.py restart [--name NAME] [--kubeconfig PATH]
     python tools/cluster/cluster.py pids [--name NAME]
 
 `make cluster-up` / `make cluster-down` call this; so does the e2e test fixture, with its own
@@ -373,6 +374,35 @@ def down(name: str, kubeconfig: Path) -> None:
     log(f"cluster {name} is down")
 
 
+def restart(name: str, kubeconfig: Path) -> None:
+    """Stop the control plane (etcd, kube-apiserver, the controllers, the KWOK controller) and start it
+    again on the same state, then wait until the API server is ready: what a control-plane upgrade or a
+    crashed API server does to clients. The e2e tests restart it under a running operator."""
+    if not cluster_dir(name).exists():
+        raise ClusterError(f"cluster {name} does not exist")
+    start = time.monotonic()
+    plane = {
+        int(f.read_text().strip())
+        for f in (cluster_dir(name) / "pids").glob("*.pid")
+        if f.read_text().strip()
+    }
+    run([str(BIN / "kwokctl"), "--name", name, "stop", "cluster"], timeout=60)
+    deadline = time.monotonic() + 15  # kwokctl signals the processes and does not wait for them
+    while [p for p in plane if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run([str(BIN / "kwokctl"), "--name", name, "start", "cluster"], timeout=120)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            kubectl(kubeconfig, "get", "--raw", "/readyz", timeout=10)
+            break
+        except (ClusterError, subprocess.TimeoutExpired):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    log(f"control plane of {name} restarted in {time.monotonic() - start:.1f}s")
+
+
 def stop_pids(name: str, pids: set[int]) -> None:
     """Wait for the processes to end (SIGTERM first if kwokctl did not stop them), then SIGKILL."""
     for pid in pids:
@@ -398,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["up", "down", "pids"])
+    parser.add_argument("command", choices=["up", "down", "restart", "pids"])
     parser.add_argument("--name", default=DEFAULT_NAME, help="cluster name (default: %(default)s)")
     parser.add_argument("--kubeconfig", type=Path, default=DEFAULT_KUBECONFIG, help="kubeconfig to write")
     parser.add_argument("--nodes", type=Path, default=HERE / "nodes.yaml", help="fake node pools")
@@ -424,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif opts.command == "down":
             down(opts.name, opts.kubeconfig.resolve())
+        elif opts.command == "restart":
+            restart(opts.name, opts.kubeconfig.resolve())
         else:
             print(" ".join(map(str, cluster_pids(opts.name))))
     except (ClusterError, realnode.NodeError) as err:

@@ -31,6 +31,8 @@ from typing import Any
 
 from kubernetes.watch.watch import iter_resp_lines
 
+from finetune_operator.adapters.retry_after import retry_after
+
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
@@ -276,7 +278,7 @@ class Informer:
                 log.info("%s watch expired (%s); listing again", self.source.what, exc)
             except Exception as exc:  # the API server restarting, a network error: list again after a pause
                 failures += 1
-                delay = min(2.0 ** min(failures, 5), 30.0)
+                delay = max(min(2.0 ** min(failures, 5), 30.0), retry_after(exc) or 0.0)
                 log.warning("%s watch failed (%s); listing again in %.0fs", self.source.what, exc, delay)
                 self._stop.wait(delay)
 

@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.adapters.informer import Source
+from finetune_operator.adapters.retry_after import retry_after
 from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
 from finetune_operator.client import server_refusal
 from finetune_operator.core import names
@@ -66,7 +67,7 @@ def classify(exc: Exception, what: str) -> kopf.TemporaryError | kopf.PermanentE
         detail = server_refusal(exc)[1]
         transient_403 = exc.status == 403 and any(marker in detail for marker in RETRYABLE_FORBIDDEN)
         if exc.status in RETRYABLE_STATUS or transient_403 or exc.status is None or exc.status == 0:
-            return kopf.TemporaryError(f"{what}: {exc.status} {detail}")
+            return kopf.TemporaryError(f"{what}: {exc.status} {detail}", delay=retry_after(exc))
         return kopf.PermanentError(f"{what}: {exc.status} {detail}")
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         return kopf.TemporaryError(f"{what}: {exc}")
