@@ -208,14 +208,25 @@ class FaultProxy:
                 headers={k: v for k, v in answer.headers.items() if k.lower() not in DROPPED_HEADERS},
             )
             await response.prepare(incoming)
+            watching = request.watch and answer.status == 200
+            pending = b""
             try:
                 async for chunk in answer.content.iter_any():
-                    if request.watch and answer.status == 200:  # a watch already open can end too
-                        ending = self._pick(request)
-                        if ending is not None and ending.status is not None:
-                            self.seen.append(Seen(time.monotonic(), request, ending.kind))
-                            return await self._end_watch(response, ending)
-                    await response.write(chunk)
+                    if not watching:
+                        await response.write(chunk)
+                        continue
+                    # A watch already open can end too, but only between events: a chunk may end mid-line,
+                    # and an ERROR event written there would be a broken line no API server sends.
+                    complete, newline, pending = (pending + chunk).rpartition(b"\n")
+                    if not newline:
+                        continue
+                    ending = self._pick(request)
+                    if ending is not None and ending.status is not None:
+                        self.seen.append(Seen(time.monotonic(), request, ending.kind))
+                        return await self._end_watch(response, ending)
+                    await response.write(complete + newline)
+                if pending:
+                    await response.write(pending)
                 await response.write_eof()
             except (ConnectionResetError, aiohttp.ClientError):
                 pass  # the client went away (a watch it stopped) or the API server did
