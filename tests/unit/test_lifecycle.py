@@ -503,18 +503,20 @@ def test_a_worker_that_vanishes_from_a_running_gang_restarts_the_whole_gang() ->
     assert [p["metadata"]["name"] for p in partial.create_pods] == ["tiny-worker-1"]
 
 
-def test_preempted_five_times_is_not_a_backoff_failure() -> None:
-    """Pods ended by preemption exit 75 after their SIGTERM checkpoint, with the DisruptionTarget condition:
+@pytest.mark.parametrize("by", ["PreemptionByScheduler", "WorkloadEvicted"])
+def test_preempted_five_times_is_not_a_backoff_failure(by: str) -> None:
+    """Pods ended by preemption exit 75 after their SIGTERM checkpoint, with the DisruptionTarget condition
+    (the scheduler's) or TerminationTarget (Kueue's, when a higher-priority workload evicts the gang's):
     restarts that do not spend backoffLimit (3 here), counted apart."""
     status = running_status()
     for attempt in range(5):
         pods = [
-            pod_doc(0, attempt=attempt, phase="Failed", exit_code=75, disruption="PreemptionByScheduler"),
+            pod_doc(0, attempt=attempt, phase="Failed", exit_code=75, disruption=by),
             pod_doc(1, attempt=attempt),
         ]
         preempted = run(status, pods, runPolicy={"backoffLimit": 3})
         assert preempted.status.phase == "Restarting", preempted.status.message
-        assert condition(preempted, "Restarting") == ("True", "PreemptionByScheduler")
+        assert condition(preempted, "Restarting") == ("True", by)
         assert (preempted.status.restarts, preempted.status.disruptions) == (0, attempt + 1)
         assert preempted.requeue_after == POLICY.backoff(0)
         back = run(preempted.status, [], now_offset=POLICY.backoff(0))

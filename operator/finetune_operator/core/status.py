@@ -46,6 +46,10 @@ IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImag
 #: Container waiting reasons that mean the pod spec cannot start (bad secret/configmap reference, …).
 CONFIG_WAIT_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
 KUEUE_GATE = "kueue.x-k8s.io/admission"
+#: Pod conditions that say something other than the pod's own program is ending it: Kubernetes writes
+#: DisruptionTarget before a preemption, eviction or drain; Kueue writes TerminationTarget (reason
+#: WorkloadEvicted, e.g. preempted by a higher-priority workload) before it deletes a plain pod it stops.
+DISRUPTION_CONDITIONS = frozenset({"DisruptionTarget", "TerminationTarget"})
 
 
 class WorkerState(StrEnum):
@@ -72,8 +76,9 @@ class Worker:
     message: str = ""
     exit_code: int | None = None
     progress: str | None = None  # the raw progress annotation
-    #: Why Kubernetes ended the pod, when it did (the DisruptionTarget condition's reason:
-    #: PreemptionByScheduler, EvictionByEvictionAPI, DeletionByTaintManager, TerminationByKubelet, ...).
+    #: Why Kubernetes or Kueue ended the pod, when one did (the reason of its DisruptionTarget condition:
+    #: PreemptionByScheduler, EvictionByEvictionAPI, DeletionByTaintManager, TerminationByKubelet, ...;
+    #: or of Kueue's TerminationTarget: WorkloadEvicted, ...).
     disruption: str | None = None
     #: When its container ended (RFC 3339, as the kubelet writes it; compared as text, second resolution).
     finished_at: str | None = None
@@ -191,7 +196,7 @@ def read_worker(pod: Mapping[str, Any]) -> Worker:
         (
             c.get("reason") or "Disrupted"
             for c in status.get("conditions") or []
-            if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+            if c.get("type") in DISRUPTION_CONDITIONS and c.get("status") == "True"
         ),
         None,
     )
