@@ -139,13 +139,31 @@ def test_unschedulable_carries_the_schedulers_message() -> None:
     )
 
 
-def test_kueue_gated_workers_are_queued() -> None:
-    actions = run(
-        running_status(phase=Phase.SCHEDULING),
-        [pod_doc(0, phase="Pending", gated=True), pod_doc(1, phase="Pending", gated=True)],
-    )
-    assert condition(actions, "Scheduled") == ("False", "Queued")
-    assert actions.events == (Event("Normal", "Queued", "tiny-worker-0: waiting for Kueue admission"),)
+def test_kueue_gated_workers_are_queued_and_queue_time_is_not_charged_to_the_deadline() -> None:
+    """A gang Kueue holds is Queued with the deadline clock stopped (a Job's startTime is likewise unset
+    while Kueue keeps it suspended); the clock starts when the gang is admitted, and stops again if Kueue
+    evicts and re-queues it."""
+    spec = {"runPolicy": {"queueName": "team-a", "activeDeadlineSeconds": 600}}
+    gated = [pod_doc(0, phase="Pending", gated=True), pod_doc(1, phase="Pending", gated=True)]
+    created = run(None, **spec)
+    assert len(created.create_pods) == 2 and created.status.start_time is None
+    queued = run(created.status, gated, now_offset=1, **spec)
+    assert queued.status.phase == "Queued" and queued.status.start_time is None
+    assert condition(queued, "Scheduled") == ("False", "Queued")
+    message = "waiting for Kueue to admit the gang (LocalQueue team-a)"
+    assert queued.events == (Event("Normal", "Queued", message),)
+    assert run(queued.status, gated, now_offset=2, **spec).events == ()  # said once
+    hours = 2 * 3600.0  # far past the 600 s deadline, all of it in the queue
+    admitted = run(queued.status, [pod_doc(0), pod_doc(1)], now_offset=hours, **spec)
+    assert admitted.status.phase == "Running"
+    assert admitted.status.start_time == rfc3339(NOW + timedelta(seconds=hours))
+    assert admitted.requeue_after == 600
+    late = run(admitted.status, [pod_doc(0), pod_doc(1)], now_offset=hours + 601, **spec)
+    assert late.status.phase == "Failed" and condition(late, "Failed") == ("True", "DeadlineExceeded")
+    requeued = run(admitted.status, gated, now_offset=hours + 10, **spec)
+    assert requeued.status.phase == "Queued" and requeued.status.start_time is None
+    # without a queue, the clock starts when the workers are created
+    assert run(None, runPolicy={"activeDeadlineSeconds": 600}).status.start_time == rfc3339(NOW)
 
 
 def test_image_pull_backoff_is_a_running_condition() -> None:

@@ -84,6 +84,7 @@ def test_the_failure_that_explains_a_gang_is_the_permanent_one_then_the_earliest
                 state=WorkerState.UNSCHEDULED,
                 reason="SchedulingGated",
                 message="waiting for Kueue admission",
+                queued=True,
                 **UNPLACED,
             ),
         ),

@@ -21,6 +21,7 @@ class Phase(StrEnum):
     """A FineTuneJob's phase (`status.phase`), as `kubectl get` shows it."""
 
     PENDING = "Pending"
+    QUEUED = "Queued"  # workers created and held by Kueue until it admits their Workload
     SCHEDULING = "Scheduling"
     RUNNING = "Running"
     RESTARTING = "Restarting"

@@ -765,7 +765,8 @@ class FineTuneJobStatus(ApiModel):
     """Observed state, written only by the operator."""
 
     phase: Phase | None = Field(
-        default=None, description="Pending, Scheduling, Running, Restarting, Suspended, Succeeded, Failed."
+        default=None,
+        description="Pending, Queued, Scheduling, Running, Restarting, Suspended, Succeeded, Failed.",
     )
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
@@ -788,7 +789,13 @@ class FineTuneJobStatus(ApiModel):
         description="When the gang was last restarted (RFC 3339): the restart backoff counts from here.",
     )
     last_checkpoint: CheckpointStatus | None = Field(default=None, description="Newest complete checkpoint.")
-    start_time: str | None = Field(default=None, description="When workers were first created (RFC 3339).")
+    start_time: str | None = Field(
+        default=None,
+        description=(
+            "When the activeDeadlineSeconds clock started (RFC 3339): when workers were first created, or "
+            "for a job in a Kueue queue when its gang was admitted (time spent queued is not charged)."
+        ),
+    )
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     message: str | None = Field(default=None, description="Summary of the current state.")
 

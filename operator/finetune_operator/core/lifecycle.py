@@ -13,7 +13,8 @@ The rules, in the order they apply:
 2. a spec that cannot run (invalid, or the planner's MemoryFits verdict) fails without creating pods;
 3. runPolicy.suspend removes the gang and keeps the status (phase Suspended); resuming recreates it
    and restarts the activeDeadlineSeconds clock, as a Kubernetes Job does;
-4. activeDeadlineSeconds fails the job;
+4. activeDeadlineSeconds fails the job (its clock runs from the gang's creation, or for a job in a Kueue
+   queue from its admission: time spent queued is not charged);
 5. pods of an older attempt, or from an older spec generation whose rendering changed, are deleted
    first (a spec change to a running job is applied by a clean restart that does not count against
    backoffLimit); nothing new is created while any remain, because the names are reused;
@@ -303,8 +304,8 @@ def reconcile(
                     f"created {count(len(gang.missing), 'worker')}, attempt {d.status.attempt}",
                 )
             )
-        d.status.start_time = d.status.start_time or rfc3339(d.now)
-        _arm_deadline(d, run_policy)
+        if run_policy.queue_name is None:
+            _start_clock(d, run_policy)
 
     _follow_pods(d, gang, run_policy)
     _watch_progress(d, gang, run_policy, policy)
@@ -363,7 +364,11 @@ def _deadline_passed(d: _Decision, run_policy: RunPolicySpec, ours: Sequence[Wor
     return True
 
 
-def _arm_deadline(d: _Decision, run_policy: RunPolicySpec) -> None:
+def _start_clock(d: _Decision, run_policy: RunPolicySpec) -> None:
+    """Start the activeDeadlineSeconds clock, unless it runs already."""
+    if d.status.start_time is not None:
+        return
+    d.status.start_time = rfc3339(d.now)
     if run_policy.active_deadline_seconds is not None:
         d.after(float(run_policy.active_deadline_seconds))
 
@@ -548,6 +553,17 @@ def _backing_off(d: _Decision, policy: LifecyclePolicy) -> bool:
 def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec) -> None:
     """Phase and conditions from the current gang's pods."""
     n = gang.expected
+    queued = [w for w in gang.workers if w.queued]
+    if queued:
+        # Kueue holds the gang: the deadline clock stops, as a Job's does while Kueue keeps it suspended.
+        queue = f" (LocalQueue {run_policy.queue_name})" if run_policy.queue_name else ""
+        message = f"waiting for Kueue to admit the gang{queue}"
+        d.condition(ConditionType.SCHEDULED, False, "Queued", f"{queued[0].name}: {message}")
+        d.status.start_time = None  # the move to Queued posts the event
+        d.phase(Phase.QUEUED, message)
+        return
+    if run_policy.queue_name is not None and not gang.missing:
+        _start_clock(d, run_policy)  # admitted: every worker exists and none is gated
     if gang.all_succeeded:
         message = f"all {count(n, 'worker')} succeeded"
         d.finish()
@@ -568,10 +584,11 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
     unscheduled = [w for w in gang.workers if w.state == WorkerState.UNSCHEDULED and w.reason]
     if unscheduled:
         worker = unscheduled[0]
-        reason = "Queued" if worker.reason == "SchedulingGated" else worker.reason
         message = f"{worker.name}: {worker.message}" if worker.message else worker.name
-        if d.condition(ConditionType.SCHEDULED, False, reason, message):
-            d.events.append(Event("Normal" if reason == "Queued" else "Warning", reason, message))
+        if d.condition(ConditionType.SCHEDULED, False, worker.reason, message):
+            d.events.append(
+                Event("Normal" if worker.reason == "SchedulingGated" else "Warning", worker.reason, message)
+            )
     elif not gang.missing and all(w.state != WorkerState.UNSCHEDULED for w in gang.workers):
         d.condition(ConditionType.SCHEDULED, True, "Scheduled", f"{count(n, 'worker')} placed")
     stuck = [w for w in gang.workers if w.reason in IMAGE_PULL_REASONS | CONFIG_WAIT_REASONS]

@@ -86,6 +86,8 @@ class Worker:
     #: controller marks every pod of a node that stopped reporting so).
     node: str | None = None
     not_ready: bool = False
+    #: Held by Kueue's scheduling gate: its Workload is not admitted yet.
+    queued: bool = False
 
     @property
     def active(self) -> bool:
@@ -242,7 +244,13 @@ def read_worker(pod: Mapping[str, Any]) -> Worker:
                 if KUEUE_GATE not in gates
                 else "waiting for Kueue admission"
             )
-            return Worker(state=WorkerState.UNSCHEDULED, reason=reason, message=message, **common)
+            return Worker(
+                state=WorkerState.UNSCHEDULED,
+                reason=reason,
+                message=message,
+                queued=KUEUE_GATE in gates,
+                **common,
+            )
         if scheduled and scheduled.get("status") == "False":
             return Worker(
                 state=WorkerState.UNSCHEDULED,
