@@ -301,14 +301,19 @@ def test_suspend_removes_the_gang_and_keeps_the_state() -> None:
     assert not run(gone.status, [], runPolicy={"suspend": True}).status_changed
 
 
-def test_resume_recreates_the_gang() -> None:
+def test_resume_recreates_the_gang_as_a_new_attempt() -> None:
+    """A resumed gang is a new attempt (so a new Kueue pod group), not counted as a restart."""
     suspended = run(running_status(), [], runPolicy={"suspend": True})
-    actions = run(suspended.status, [], now_offset=60)
+    resumed = run(suspended.status, [], now_offset=60)
+    assert resumed.create_pods == () and resumed.requeue_after is not None
+    assert (resumed.status.restarts, resumed.status.disruptions, resumed.status.relaunches) == (0, 0, 1)
+    assert condition(resumed, "Suspended") == ("False", "Resumed")
+    actions = run(resumed.status, [], now_offset=60)
     assert names_of(actions.create_pods) == ["tiny-worker-0", "tiny-worker-1"]
+    assert {p["metadata"]["labels"]["finetune.dev/attempt"] for p in actions.create_pods} == {"1"}
     assert actions.status.phase == "Scheduling"
     assert actions.status.start_time == rfc3339(NOW + timedelta(seconds=60))
-    assert condition(actions, "Suspended") == ("False", "Resumed")
-    assert reasons(actions) == ["Resumed", "CreatedWorkers", "Scheduling"]
+    assert reasons(resumed) + reasons(actions) == ["Resumed", "CreatedWorkers", "Scheduling"]
 
 
 def test_a_job_suspended_from_the_start_creates_nothing() -> None:
@@ -367,9 +372,17 @@ def test_a_spec_change_replaces_the_gang_without_counting_a_restart() -> None:
     assert sorted(actions.delete_pods) == ["tiny-worker-0", "tiny-worker-1"]
     assert actions.status.phase == "Restarting" and actions.status.restarts == 0
     assert condition(actions, "Restarting") == ("True", "SpecChanged")
+    assert actions.status.relaunches == 1  # the replacement is a new attempt (a new Kueue pod group)
+    going = run(
+        actions.status,
+        [{**p, "metadata": {**p["metadata"], "deletionTimestamp": "x"}} for p in old],
+        generation=2,
+    )
+    assert going.status.relaunches == 1 and going.create_pods == ()  # counted once
     recreated = run(actions.status, [], generation=2, now_offset=1)  # no backoff for a spec change
     assert names_of(recreated.create_pods) == ["tiny-worker-0", "tiny-worker-1"]
     assert recreated.create_pods[0]["metadata"]["annotations"]["finetune.dev/generation"] == "2"
+    assert recreated.create_pods[0]["metadata"]["labels"]["finetune.dev/attempt"] == "1"
 
 
 def test_a_spec_change_that_leaves_the_workers_alone_does_not_restart() -> None:
@@ -521,7 +534,7 @@ def test_a_worker_that_vanishes_from_a_running_gang_restarts_the_whole_gang() ->
     assert [p["metadata"]["name"] for p in partial.create_pods] == ["tiny-worker-1"]
 
 
-@pytest.mark.parametrize("by", ["PreemptionByScheduler", "WorkloadEvicted"])
+@pytest.mark.parametrize("by", ["PreemptionByScheduler", "WorkloadEvictedDueToPreempted"])
 def test_preempted_five_times_is_not_a_backoff_failure(by: str) -> None:
     """Pods ended by preemption exit 75 after their SIGTERM checkpoint, with the DisruptionTarget condition
     (the scheduler's) or TerminationTarget (Kueue's, when a higher-priority workload evicts the gang's):

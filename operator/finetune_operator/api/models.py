@@ -784,6 +784,12 @@ class FineTuneJobStatus(ApiModel):
         description="Whole-gang restarts after Kubernetes ended a worker (preemption, eviction, drain, node "
         "loss, a deleted worker): not counted against runPolicy.backoffLimit.",
     )
+    relaunches: int = Field(
+        default=0,
+        ge=0,
+        description="Gangs replaced whole with nothing wrong: on resume, and for a spec change that changes "
+        "the workers. Each gang gets its own attempt number (and Kueue pod group).",
+    )
     last_restart_time: str | None = Field(
         default=None,
         description="When the gang was last restarted (RFC 3339): the restart backoff counts from here.",
@@ -802,8 +808,8 @@ class FineTuneJobStatus(ApiModel):
     @property
     def attempt(self) -> int:
         """The current gang's number (its pods' finetune.dev/attempt label): every whole-gang restart, for
-        a failure or a disruption, starts the next one."""
-        return self.restarts + self.disruptions
+        a failure, a disruption, a resume or a spec change, starts the next one."""
+        return self.restarts + self.disruptions + self.relaunches
 
 
 class ObjectMeta(ApiModel):

@@ -266,6 +266,10 @@ def reconcile(
         d.condition(ConditionType.SUSPENDED, False, "Resumed", "runPolicy.suspend is false")
         d.events.append(Event("Normal", "Resumed", "recreating the workers"))
         d.status.phase = Phase.PENDING
+        # A fresh gang: its own attempt and Kueue pod group. It is rendered for that attempt next pass.
+        d.status.relaunches += 1
+        d.after(SHORT_REQUEUE_SECONDS)
+        return d.actions()
 
     if _deadline_passed(d, run_policy, ours):
         return d.actions()
@@ -390,7 +394,10 @@ def _replace_stale(
     """Delete pods of older attempts or specs and wait until they are gone (their names are reused)."""
     d.remove(stale)
     d.after(SHORT_REQUEUE_SECONDS)
-    if any(_outdated(w, desired, job.generation) for w in stale) and d.status.phase != Phase.RESTARTING:
+    outdated = [w for w in stale if _outdated(w, desired, job.generation)]
+    if any(w.attempt == d.status.attempt for w in outdated):
+        d.status.relaunches += 1  # the replacement is a fresh gang: its own attempt and Kueue pod group
+    if outdated and d.status.phase != Phase.RESTARTING:
         message = f"the spec changed (generation {job.generation}): replacing the workers"
         d.condition(ConditionType.RESTARTING, True, "SpecChanged", message)
         d.clear(ConditionType.RUNNING, "SpecChanged", message)
