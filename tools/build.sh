@@ -15,7 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bin_dir="$(mkdir -p "${1:-$here/../.cache/bin}" && cd "${1:-$here/../.cache/bin}" && pwd)"
 shift || true
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(k8s etcd kwok helm prometheus coredns)
+[[ ${#groups[@]} -gt 0 ]] || groups=(k8s etcd kwok helm prometheus coredns kueue)
 
 go_bin="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 export CGO_ENABLED=0 GOFLAGS=-mod=readonly
@@ -52,6 +52,7 @@ build_group() {
       for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
         ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=${kv}"
       done ;;
+    kueue) ldflags+=" -X sigs.k8s.io/kueue/pkg/version.GitVersion=$(mod_version sigs.k8s.io/kueue kueue)" ;;
     prometheus) local v; v="$(mod_version github.com/prometheus/prometheus prometheus)"
       ldflags+=" -X github.com/prometheus/common/version.Version=${v}"; tags="remove_all_sd,enable_kubernetes_sd" ;;
   esac
@@ -60,6 +61,13 @@ build_group() {
     (cd "$here/$group" && "$go_bin" build -trimpath ${tags:+-tags "$tags"} -ldflags "$ldflags" -o "$bin_dir/$(tool_bin $pkgs)" $pkgs)
   else
     (cd "$here/$group" && "$go_bin" build -trimpath ${tags:+-tags "$tags"} -ldflags "$ldflags" -o "$bin_dir/" $pkgs)
+  fi
+  if [[ $group == kueue ]]; then  # its CRDs and webhook configurations, from the same module version
+    local src; src="$(cd "$here/kueue" && "$go_bin" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+    rm -rf "$bin_dir/kueue-config" && mkdir -p "$bin_dir/kueue-config"
+    cp "$src"/config/components/crd/bases/*.yaml "$src/config/components/webhook/manifests.yaml" "$bin_dir/kueue-config/"
+    mkdir -p "$bin_dir/kueue-config/crd" && cp -r "$src"/config/components/crd/{kustomization.yaml,patches} "$bin_dir/kueue-config/crd/"
+    chmod -R u+w "$bin_dir/kueue-config"
   fi
 }
 
@@ -73,6 +81,7 @@ for group in "${groups[@]}"; do
   for pkg in $(tool_pkgs "$group"); do
     [[ -x "$bin_dir/$(tool_bin "$pkg")" ]] || fresh=0
   done
+  [[ $group != kueue || -f "$bin_dir/kueue-config/crd/kustomization.yaml" ]] || fresh=0
   if [[ $fresh == 1 ]]; then touch "$stamp"; echo "$group: up to date" >&2; continue; fi
   start=$(date +%s)
   build_group "$group"

@@ -7,7 +7,8 @@ checking that none of its processes is left. The binaries come from `make tools`
 builds them first). If the cluster cannot start, every test that needs it fails with the reason.
 `running_cluster` is that lifecycle for any cluster: test_real_pods.py starts one with real nodes.
 
-`namespace` gives each test a fresh namespace and deletes it (and waits for that) afterwards.
+`namespace` gives each test a fresh namespace and deletes it (and waits for that) afterwards;
+`operator` a standalone operator process watching it (harness.py holds what the tests share).
 """
 
 from __future__ import annotations
@@ -22,11 +23,22 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from kubernetes import config as kube_config
-from kubernetes.client import ApiClient, CoreV1Api, V1Namespace, V1ObjectMeta
+from kubernetes.client import (
+    ApiClient,
+    CoreV1Api,
+    CustomObjectsApi,
+    V1Namespace,
+    V1ObjectMeta,
+    V1ServiceAccount,
+)
 from kubernetes.client.exceptions import ApiException
+
+if TYPE_CHECKING:  # harness.py imports this module; the fixtures below import it when they run
+    from .harness import Operator
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "tools" / "cluster" / "cluster.py"
@@ -131,3 +143,44 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
             raise
         time.sleep(0.25)
     raise AssertionError(f"namespace {name} was not deleted within 120s")
+
+
+@pytest.fixture
+def claims(cluster: Cluster, namespace: str) -> Iterator[None]:
+    """The claims the README example reads and writes, bound, in this test's namespace."""
+    from .harness import bound_claims
+
+    core = CoreV1Api(cluster.api_client)
+    volumes = bound_claims(core, namespace)
+    yield
+    for volume in volumes:
+        try:
+            core.delete_persistent_volume(volume)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, claims: None, tmp_path: Path) -> Iterator[Operator]:
+    """A standalone operator watching this test's namespace, with the trainer service account."""
+    from .harness import Operator
+
+    core = CoreV1Api(cluster.api_client)
+    core.create_namespaced_service_account(
+        namespace, V1ServiceAccount(metadata=V1ObjectMeta(name="finetune-trainer"))
+    )
+    process = Operator(cluster, namespace, tmp_path / "operator.log").start()
+    yield process
+    process.stop()
+    print(f"--- operator log ({process.log}) ---\n{process.tail(80)}")
+
+
+@pytest.fixture
+def api(cluster: Cluster) -> CustomObjectsApi:
+    return CustomObjectsApi(cluster.api_client)
+
+
+@pytest.fixture
+def core(cluster: Cluster) -> CoreV1Api:
+    return CoreV1Api(cluster.api_client)

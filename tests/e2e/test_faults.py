@@ -7,10 +7,13 @@ import itertools
 import json
 import urllib.request
 
+import pytest
 from kubernetes.client import CoreV1Api, V1ConfigMap, V1ObjectMeta
 
 from .conftest import Cluster
 from .faults import Fault, FaultProxy, Rule
+
+pytestmark = pytest.mark.cluster
 
 OBJECTS = 30
 OBJECT_BYTES = 20_000  # each ADDED event spans several of the chunks the proxy reads

@@ -8,18 +8,12 @@ takes about a second. KWOK makes scheduled pods Running; `finish_pod` ends them 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import os
 import random
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,286 +55,31 @@ from finetune_trainer.progress import PodAnnotationReporter
 
 from .conftest import BIN, REPO, Cluster, cluster_script
 from .faults import Fault, FaultProxy, Request, Rule
+from .harness import (
+    GROUP,
+    OPERATOR_ENV,
+    PLURAL,
+    TIMEOUT,
+    VERSION,
+    Operator,
+    all_running,
+    bound_claims,
+    condition,
+    create,
+    eventually,
+    example,
+    finish_all,
+    free_port,
+    get,
+    phase_is,
+    two_nodes,
+    wait_job,
+    wait_pods,
+    worker_pods,
+)
 from .kwok import finish_pod, wait_for_pod_gone
 
 pytestmark = pytest.mark.cluster
-
-GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
-EXAMPLE = REPO / "examples" / "llama2-7b-alpaca-lora.yaml"
-TIMEOUT = 60.0
-#: Fast loops for tests: a whole-gang restart waits 0.5 s, a missed event costs at most 1 s.
-OPERATOR_ENV = {
-    "FINETUNE_TIMING_RESYNC_SECONDS": "30",  # events and timed rules drive every test, not the resync
-    "FINETUNE_TIMING_DEBOUNCE_SECONDS": "0.05",
-    "FINETUNE_TIMING_ERROR_BACKOFF_SECONDS": "0.2",
-    "FINETUNE_RESTARTS_BACKOFF_SECONDS": "0.5",
-    "FINETUNE_RESTARTS_NODE_LOST_SECONDS": "5",
-    "FINETUNE_TRAINER_IMAGE": "trainer:e2e",
-    "PYTHONUNBUFFERED": "1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Operator:
-    """One `python -m finetune_operator` process, its log, and its metrics port."""
-
-    def __init__(
-        self,
-        cluster: Cluster,
-        namespace: str,
-        log: Path,
-        *,
-        kubeconfig: Path | None = None,
-        args: tuple[str, ...] = ("--standalone",),
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.cluster, self.namespace, self.log = cluster, namespace, log
-        self.kubeconfig = kubeconfig or cluster.kubeconfig
-        self.args, self.env = args, {**OPERATOR_ENV, **(env or {})}
-        self.metrics_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Operator:
-        command = [
-            sys.executable, "-m", "finetune_operator",
-            "--kubeconfig", str(self.kubeconfig),
-            "--namespace", self.namespace,
-            "--metrics-port", str(self.metrics_port),
-            "--health-port", "0",
-            *self.args,
-        ]  # fmt: skip
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=REPO
-            )
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def tail(self, lines: int = 40) -> str:
-        return (
-            "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
-        )
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return str(response.read().decode())
-
-
-def eventually(check: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "") -> None:
-    """Poll `check` until it holds; on timeout fail with `what` and `detail()` (a log tail, the state seen).
-
-    Also for what the operator does just after it writes status (events are posted in the background,
-    metrics updated after the patch), so a test that saw the status can wait for them."""
-    deadline = time.monotonic() + TIMEOUT
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {TIMEOUT}s\n{detail()}")
-        time.sleep(0.2)
-
-
-#: The claims the README example reads and writes (pvc://datasets/…, pvc://models/…).
-CLAIMS = ("datasets", "models")
-
-
-def bound_claims(core: CoreV1Api, namespace: str) -> list[str]:
-    """Create the example's PVCs, each pre-bound to its own PV, so the scheduler can place the workers."""
-    volumes = []
-    for claim in CLAIMS:
-        volume = f"{namespace}-{claim}"
-        core.create_persistent_volume(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": volume, "labels": {"finetune.dev/e2e": "true"}},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "e2e-manual",
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "hostPath": {"path": f"/tmp/{volume}"},
-                    "claimRef": {"namespace": namespace, "name": claim},
-                },
-            }
-        )
-        core.create_namespaced_persistent_volume_claim(
-            namespace,
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "e2e-manual",
-                    "volumeName": volume,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
-        volumes.append(volume)
-    wait_bound(core, namespace)
-    return volumes
-
-
-def wait_bound(core: CoreV1Api, namespace: str) -> None:
-    """Wait for the PV controller to bind the claims: until then the scheduler reports an unbound
-    claim instead of the reason a test is looking for (a CI run once saw exactly that)."""
-
-    def phases() -> dict[str, str]:
-        claims = core.list_namespaced_persistent_volume_claim(namespace).items
-        return {c.metadata.name: c.status.phase for c in claims}
-
-    eventually(lambda: all(phases().get(c) == "Bound" for c in CLAIMS), "Bound claims", lambda: str(phases()))
-
-
-@pytest.fixture
-def claims(cluster: Cluster, namespace: str) -> Iterator[None]:
-    """The claims the README example reads and writes, bound, in this test's namespace."""
-    core = CoreV1Api(cluster.api_client)
-    volumes = bound_claims(core, namespace)
-    yield
-    for volume in volumes:
-        try:
-            core.delete_persistent_volume(volume)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
-
-@pytest.fixture
-def operator(cluster: Cluster, namespace: str, claims: None, tmp_path: Path) -> Iterator[Operator]:
-    """A standalone operator watching this test's namespace, with the trainer service account."""
-    core = CoreV1Api(cluster.api_client)
-    core.create_namespaced_service_account(
-        namespace, V1ServiceAccount(metadata=V1ObjectMeta(name="finetune-trainer"))
-    )
-    process = Operator(cluster, namespace, tmp_path / "operator.log").start()
-    yield process
-    process.stop()
-    print(f"--- operator log ({process.log}) ---\n{process.tail(80)}")
-
-
-@pytest.fixture
-def api(cluster: Cluster) -> CustomObjectsApi:
-    return CustomObjectsApi(cluster.api_client)
-
-
-@pytest.fixture
-def core(cluster: Cluster) -> CoreV1Api:
-    return CoreV1Api(cluster.api_client)
-
-
-def example(name: str, **spec_updates: Any) -> dict[str, Any]:
-    """The README example under another name, with top-level spec blocks merged in."""
-    document = yaml.safe_load(EXAMPLE.read_text())
-    document["metadata"] = {"name": name}
-    for key, value in spec_updates.items():
-        current = document["spec"].get(key)
-        document["spec"][key] = {**current, **value} if isinstance(current, dict) else copy.deepcopy(value)
-    return document
-
-
-def two_nodes(name: str, **run_policy: Any) -> dict[str, Any]:
-    """16 GPUs: two workers of 8, the smallest real gang."""
-    return example(name, resources={"gpus": 16, "gpusPerNode": 8}, runPolicy=run_policy)
-
-
-def create(api: CustomObjectsApi, namespace: str, document: dict[str, Any]) -> None:
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, document)
-
-
-def get(api: CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
-    body: dict[str, Any] = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    return body
-
-
-def wait_job(
-    api: CustomObjectsApi,
-    operator: Operator,
-    name: str,
-    predicate: Callable[[dict[str, Any]], bool],
-    what: str,
-    timeout: float = TIMEOUT,
-) -> dict[str, Any]:
-    """Poll the job until `predicate(status)` holds; fail with its status and the operator's log."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = get(api, operator.namespace, name).get("status") or {}
-        if predicate(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{name}: no {what} after {timeout}s\nstatus: {status}\nlog:\n{operator.tail()}"
-            )
-        time.sleep(0.2)
-
-
-def phase_is(phase: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda status: status.get("phase") == phase
-
-
-def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
-
-
-def worker_pods(core: CoreV1Api, namespace: str, job: str) -> list[Any]:
-    pods = core.list_namespaced_pod(namespace, label_selector=f"finetune.dev/job-name={job}").items
-    return sorted(pods, key=lambda p: p.metadata.name)
-
-
-def wait_pods(
-    core: CoreV1Api,
-    namespace: str,
-    job: str,
-    check: Callable[[list[Any]], bool],
-    what: str,
-    timeout: float = TIMEOUT,
-) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        pods = worker_pods(core, namespace, job)
-        if check(pods):
-            return pods
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{job}: no {what}; pods: {[(p.metadata.name, p.status.phase) for p in pods]}"
-            )
-        time.sleep(0.2)
-
-
-def all_running(count: int, attempt: int = 0) -> Callable[[list[Any]], bool]:
-    def check(pods: list[Any]) -> bool:
-        live = [p for p in pods if not p.metadata.deletion_timestamp]
-        return (
-            len(live) == count
-            and all(p.status.phase == "Running" for p in live)
-            and all(p.metadata.labels["finetune.dev/attempt"] == str(attempt) for p in live)
-        )
-
-    return check
-
-
-def finish_all(core: CoreV1Api, namespace: str, job: str, code: int) -> None:
-    for pod in worker_pods(core, namespace, job):
-        finish_pod(core, namespace, pod.metadata.name, code)
-
 
 # --- the tests ----------------------------------------------------------------------------------------
 
@@ -552,9 +291,10 @@ def test_suspend_removes_the_workers_and_resume_brings_them_back(
     assert status["plan"]["nodes"] == 2 and status["restarts"] == 0
     patch["spec"]["runPolicy"]["suspend"] = False
     api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
-    wait_pods(core, ns, name, all_running(2), "the workers back")
+    wait_pods(core, ns, name, all_running(2, attempt=1), "the workers back, as a new attempt")
     status = wait_job(api, operator, name, phase_is("Running"), "Running again")
     assert condition(status, "Suspended")["reason"] == "Resumed"
+    assert (status["restarts"], status.get("disruptions", 0), status["relaunches"]) == (0, 0, 1)
 
 
 def test_deleting_the_job_garbage_collects_everything(

@@ -102,7 +102,9 @@ def pod_doc(
         spec["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
     status: dict[str, Any] = {"phase": phase}
     if disruption:  # what the API server writes before it preempts, evicts or drains a pod
-        kind = "TerminationTarget" if disruption == "WorkloadEvicted" else "DisruptionTarget"  # Kueue's
+        kind = (
+            "TerminationTarget" if disruption == "WorkloadEvictedDueToPreempted" else "DisruptionTarget"
+        )  # Kueue's
         status["conditions"] = [{"type": kind, "status": "True", "reason": disruption}]
     if ready is not None:  # the node lifecycle controller marks a silent node's pods not Ready
         status.setdefault("conditions", []).append({"type": "Ready", "status": str(ready)})

@@ -47,8 +47,9 @@ IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImag
 CONFIG_WAIT_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
 KUEUE_GATE = "kueue.x-k8s.io/admission"
 #: Pod conditions that say something other than the pod's own program is ending it: Kubernetes writes
-#: DisruptionTarget before a preemption, eviction or drain; Kueue writes TerminationTarget (reason
-#: WorkloadEvicted, e.g. preempted by a higher-priority workload) before it deletes a plain pod it stops.
+#: DisruptionTarget before a preemption, eviction or drain; Kueue writes TerminationTarget before it
+#: deletes a plain pod it stops (reason WorkloadEvictedDueToPreempted when a higher-priority workload
+#: preempts the gang's).
 DISRUPTION_CONDITIONS = frozenset({"DisruptionTarget", "TerminationTarget"})
 
 
@@ -78,7 +79,7 @@ class Worker:
     progress: str | None = None  # the raw progress annotation
     #: Why Kubernetes or Kueue ended the pod, when one did (the reason of its DisruptionTarget condition:
     #: PreemptionByScheduler, EvictionByEvictionAPI, DeletionByTaintManager, TerminationByKubelet, ...;
-    #: or of Kueue's TerminationTarget: WorkloadEvicted, ...).
+    #: or of Kueue's TerminationTarget: WorkloadEvictedDueToPreempted, ...).
     disruption: str | None = None
     #: When its container ended (RFC 3339, as the kubelet writes it; compared as text, second resolution).
     finished_at: str | None = None
