@@ -29,6 +29,7 @@ from finetune_operator.core.status import KUEUE_GATE
 from finetune_operator.scheduling.kueue import QUEUE_NAME
 
 from .conftest import BIN, Cluster
+from .processes import free_port, log_tail, stop_process
 
 CONFIG = BIN / "kueue-config"
 NAMESPACE = "kueue-system"  # Kueue's own namespace (its Configuration's default)
@@ -41,12 +42,6 @@ WEBHOOK_CONFIGURATIONS = {
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 #: The webhooks kept: Kueue's own objects and plain pods (the others serve integrations not turned on).
 KEPT_GROUPS = frozenset({"", KUEUE_GROUP})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def host_address() -> str:
@@ -205,13 +200,7 @@ class Kueue:
             DiscoveryV1Api(self.cluster.api_client).delete_namespaced_endpoint_slice(SERVICE, NAMESPACE)
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_service(SERVICE, NAMESPACE)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
     def _wait_ready(self, timeout: float = 90) -> None:
         """Until its readiness probe answers and the API server, through the webhook, gates a queued pod
@@ -276,5 +265,4 @@ class Kueue:
         return "\n".join(lines)
 
     def tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log, lines)

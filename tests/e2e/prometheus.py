@@ -4,7 +4,6 @@ the chart's ServiceMonitor and PodMonitor do, with the chart's alert rules loade
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from .conftest import BIN, REPO
+from .processes import free_port
 
 RULES = REPO / "charts" / "finetune-operator" / "prometheus" / "alerts.yaml"
 #: Scrapes and rule evaluations this often, so a test sees a change within seconds.
@@ -63,12 +63,6 @@ def scrape_config(
             {"job_name": "finetune-trainer", **pods(job_namespaces, "finetune-trainer")},
         ],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Prometheus:

@@ -69,7 +69,6 @@ from .harness import (
     eventually,
     example,
     finish_all,
-    free_port,
     get,
     phase_is,
     two_nodes,
@@ -78,6 +77,7 @@ from .harness import (
     worker_pods,
 )
 from .kwok import finish_pod, wait_for_pod_gone
+from .processes import free_port
 
 pytestmark = pytest.mark.cluster
 
