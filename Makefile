@@ -62,10 +62,10 @@ demo: cluster-up ## the whole loop on the local cluster: the chart's operator po
 	KUBECONFIG=$(CLUSTER_KUBECONFIG) CACHE=$(CACHE) PY=$(PY) tools/demo/demo.sh
 
 # --- local cluster (tools/): Go tools pinned by tools/*/go.mod, built into $(CACHE)/bin -------------
-TOOL_GROUPS := k8s etcd kwok helm prometheus coredns kueue
+TOOL_GROUPS := k8s etcd kwok helm prometheus coredns kueue coscheduling
 
 # build.sh rebuilds a group only when its go.mod/go.sum (hash stamp) changed or a binary is missing.
-tools: ## build kube-*, kubelet, kube-proxy, kubectl, etcd, kwok(ctl), helm, promtool, coredns, kueue into $(CACHE)/bin
+tools: ## build kube-*, kubelet, kube-proxy, kubectl, etcd, kwok(ctl), helm, promtool, coredns, kueue, scheduler-plugins into $(CACHE)/bin
 	tools/build.sh $(CACHE)/bin $(TOOL_GROUPS)
 
 node-deps: ## install the host packages real nodes and image builds need (containerd, runc, CNI, buildah, ...)

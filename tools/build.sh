@@ -15,7 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bin_dir="$(mkdir -p "${1:-$here/../.cache/bin}" && cd "${1:-$here/../.cache/bin}" && pwd)"
 shift || true
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(k8s etcd kwok helm prometheus coredns kueue)
+[[ ${#groups[@]} -gt 0 ]] || groups=(k8s etcd kwok helm prometheus coredns kueue coscheduling)
 
 go_bin="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 export CGO_ENABLED=0 GOFLAGS=-mod=readonly
@@ -34,7 +34,13 @@ k8s_ldflags() {
 mod_version() { sed -n "s#^\t$1 \(v[^ ]*\).*#\1#p; s#^require $1 \(v[^ ]*\).*#\1#p" "$here/$2/go.mod" | head -1; }
 
 # The binary a tool package builds: its last path element, except where that is a major version.
-tool_bin() { case "$1" in go.etcd.io/etcd/server/v3) echo etcd ;; *) basename "$1" ;; esac; }
+tool_bin() {
+  case "$1" in
+    go.etcd.io/etcd/server/v3) echo etcd ;;
+    sigs.k8s.io/scheduler-plugins/cmd/scheduler) echo scheduler-plugins ;;  # not `scheduler`: beside kube-scheduler
+    *) basename "$1" ;;
+  esac
+}
 tool_pkgs() { sed -n 's/^tool \([^(].*\)$/\1/p; /^tool (/,/^)/{s/^\t\([^ ]*\)$/\1/p}' "$here/$1/go.mod"; }
 
 build_group() {
@@ -53,6 +59,8 @@ build_group() {
         ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=${kv}"
       done ;;
     kueue) ldflags+=" -X sigs.k8s.io/kueue/pkg/version.GitVersion=$(mod_version sigs.k8s.io/kueue kueue)" ;;
+    coscheduling) local v; v="$(mod_version sigs.k8s.io/scheduler-plugins coscheduling)"  # as its Makefile stamps it
+      ldflags+=" -X k8s.io/component-base/version.gitVersion=${v}" ;;
     prometheus) local v; v="$(mod_version github.com/prometheus/prometheus prometheus)"
       ldflags+=" -X github.com/prometheus/common/version.Version=${v}"; tags="remove_all_sd,enable_kubernetes_sd" ;;
   esac
@@ -62,13 +70,31 @@ build_group() {
   else
     (cd "$here/$group" && "$go_bin" build -trimpath ${tags:+-tags "$tags"} -ldflags "$ldflags" -o "$bin_dir/" $pkgs)
   fi
-  if [[ $group == kueue ]]; then  # its CRDs and webhook configurations, from the same module version
-    local src; src="$(cd "$here/kueue" && "$go_bin" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
-    rm -rf "$bin_dir/kueue-config" && mkdir -p "$bin_dir/kueue-config"
-    cp "$src"/config/components/crd/bases/*.yaml "$src/config/components/webhook/manifests.yaml" "$bin_dir/kueue-config/"
-    mkdir -p "$bin_dir/kueue-config/crd" && cp -r "$src"/config/components/crd/{kustomization.yaml,patches} "$bin_dir/kueue-config/crd/"
-    chmod -R u+w "$bin_dir/kueue-config"
-  fi
+  copy_config "$group"
+}
+
+# The manifests a controller needs beside its binary, from the same module version: <group>-config/.
+config_marker() {
+  case "$1" in
+    kueue) echo "$bin_dir/kueue-config/crd/kustomization.yaml" ;;
+    coscheduling) echo "$bin_dir/coscheduling-config/crd.yaml" ;;
+  esac
+}
+copy_config() {
+  local group="$1" src out="$bin_dir/$1-config"
+  case "$group" in
+    kueue)  # its CRDs, their conversion patches and the webhook configurations
+      src="$(cd "$here/kueue" && "$go_bin" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+      rm -rf "$out" && mkdir -p "$out/crd"
+      cp "$src"/config/components/crd/bases/*.yaml "$src/config/components/webhook/manifests.yaml" "$out/"
+      cp -r "$src"/config/components/crd/{kustomization.yaml,patches} "$out/crd/" ;;
+    coscheduling)  # the PodGroup CRD
+      src="$(cd "$here/coscheduling" && "$go_bin" list -m -f '{{.Dir}}' sigs.k8s.io/scheduler-plugins)"
+      rm -rf "$out" && mkdir -p "$out"
+      cp "$src/manifests/coscheduling/crd.yaml" "$out/" ;;
+    *) return 0 ;;
+  esac
+  chmod -R u+w "$out"
 }
 
 for group in "${groups[@]}"; do
@@ -81,7 +107,8 @@ for group in "${groups[@]}"; do
   for pkg in $(tool_pkgs "$group"); do
     [[ -x "$bin_dir/$(tool_bin "$pkg")" ]] || fresh=0
   done
-  [[ $group != kueue || -f "$bin_dir/kueue-config/crd/kustomization.yaml" ]] || fresh=0
+  marker="$(config_marker "$group")"
+  [[ -z $marker || -f $marker ]] || fresh=0
   if [[ $fresh == 1 ]]; then touch "$stamp"; echo "$group: up to date" >&2; continue; fi
   start=$(date +%s)
   build_group "$group"
