@@ -76,7 +76,8 @@ def intend(body: Mapping[str, Any], attempt: int, settings: Settings) -> Intent:
     job = parse_job(body)
     if isinstance(job, SpecProblem):
         return job, job
-    return job, desire(job, job_ref(body), settings.render_options(), attempt, refiner_for(job))
+    refine = refiner_for(job, settings.scheduling_options())
+    return job, desire(job, job_ref(body), settings.render_options(), attempt, refine)
 
 
 def decide(

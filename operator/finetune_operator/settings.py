@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_origin, get_type_hints
 
-from finetune_operator.api.enums import AttentionImpl
+from finetune_operator.api.enums import AttentionImpl, GangScheduling
 from finetune_operator.api.trainer import IMAGE_ATTENTION
 from finetune_operator.core.gang import RenderOptions
 from finetune_operator.core.lifecycle import LifecyclePolicy
 from finetune_operator.core.placement import PRESETS
 from finetune_operator.core.requests import quantity_bytes
+from finetune_operator.scheduling.options import SCHEDULER_NAME, SchedulingOptions
 
 ENV_PREFIX = "FINETUNE_"
 
@@ -181,6 +182,28 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class SchedulingSettings:
+    """How workers are placed when a job's runPolicy does not say (runPolicy.queueName picks Kueue)."""
+
+    #: none: the default scheduler places each worker as it can; coscheduling: every gang is a
+    #: scheduler-plugins PodGroup placed all or nothing (needs its PodGroup CRD and a kube-scheduler with
+    #: the Coscheduling plugin). A job's runPolicy.gangScheduling overrides it.
+    gang_scheduling: str = GangScheduling.NONE.value
+    #: The schedulerName of that kube-scheduler: what scheduler-plugins' chart names it. A job's own
+    #: spec.schedulerName wins.
+    coscheduling_scheduler_name: str = SCHEDULER_NAME
+
+    def __post_init__(self) -> None:
+        known = [g.value for g in GangScheduling]
+        if self.gang_scheduling not in known:
+            raise ValueError(
+                f"scheduling gang_scheduling must be one of {', '.join(known)}, got {self.gang_scheduling!r}"
+            )
+        if not self.coscheduling_scheduler_name:
+            raise ValueError("scheduling coscheduling_scheduler_name must not be empty")
+
+
+@dataclass(frozen=True)
 class Settings:
     """All operator settings."""
 
@@ -193,6 +216,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
 
     def render_options(self) -> RenderOptions:
         return RenderOptions(
@@ -208,6 +232,12 @@ class Settings:
                 AttentionImpl(name) for name in self.trainer.attention_implementations
             ),
             node_memory_bytes=self.placement.node_memory_bytes,
+        )
+
+    def scheduling_options(self) -> SchedulingOptions:
+        return SchedulingOptions(
+            gang_scheduling=GangScheduling(self.scheduling.gang_scheduling),
+            coscheduling_scheduler_name=self.scheduling.coscheduling_scheduler_name,
         )
 
     def lifecycle_policy(self) -> LifecyclePolicy:

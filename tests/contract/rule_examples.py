@@ -120,6 +120,15 @@ EXAMPLES: dict[tuple[str, str], RuleExample] = {
         reject=_spec(tolerations=[{"effect": "NoSchedule"}]),
         accept=_spec(tolerations=[{"operator": "Exists", "effect": "NoSchedule"}]),
     ),
+    (
+        "spec.runPolicy",
+        "runPolicy.scheduleTimeoutSeconds: applies to gangScheduling coscheduling, not none",
+    ): (
+        RuleExample(
+            reject=_spec(runPolicy={"gangScheduling": "none", "scheduleTimeoutSeconds": 30}),
+            accept=_spec(runPolicy={"gangScheduling": "coscheduling", "scheduleTimeoutSeconds": 30}),
+        )
+    ),
     ("spec.tolerations[]", "tolerations: operator Exists takes no value"): RuleExample(
         reject=_spec(tolerations=[{"key": "gpu", "operator": "Exists", "value": "a100"}]),
         accept=_spec(tolerations=[{"key": "gpu", "operator": "Equal", "value": "a100"}]),

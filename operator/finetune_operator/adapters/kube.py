@@ -27,6 +27,7 @@ from finetune_operator.client import server_refusal
 from finetune_operator.core import names
 from finetune_operator.core.lifecycle import Actions
 from finetune_operator.core.status import NodeView, read_node
+from finetune_operator.scheduling import coscheduling
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,9 @@ class JobApi:
             raise classify(exc, f"write status of {meta['namespace']}/{meta['name']}") from exc
 
     def ensure(self, obj: Mapping[str, Any]) -> None:
-        """Create a ConfigMap, Service, ServiceAccount or RoleBinding; an existing ConfigMap is brought up
-        to date, the others are left as they are (an account or binding someone else made wins)."""
+        """Create a ConfigMap, Service, ServiceAccount, RoleBinding or PodGroup; an existing ConfigMap is
+        brought up to date, the others are left as they are (an account or binding someone else made wins;
+        a PodGroup is one attempt's and never changes)."""
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         what = f"create {kind.lower()} {namespace}/{name}"
@@ -188,12 +190,19 @@ class JobApi:
             "Service": self.core.create_namespaced_service,
             "ServiceAccount": self.core.create_namespaced_service_account,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
+            coscheduling.KIND: self._create_pod_group,
         }
         try:
             if kind not in creators:
                 raise ValueError(f"ensure does not handle {kind}")
             creators[kind](namespace, cast(Any, obj))
         except ApiException as exc:
+            if exc.status == 404 and kind == coscheduling.KIND:
+                raise kopf.PermanentError(
+                    f"{what}: the PodGroup API ({coscheduling.GROUP}/{coscheduling.VERSION}) is not served: "
+                    "install scheduler-plugins (its PodGroup CRD and a scheduler with Coscheduling), or set "
+                    "runPolicy.gangScheduling: none"
+                ) from exc
             if exc.status != 409:
                 raise classify(exc, what) from exc
             if kind == "ConfigMap":
@@ -202,6 +211,11 @@ class JobApi:
             raise
         except Exception as exc:
             raise classify(exc, what) from exc
+
+    def _create_pod_group(self, namespace: str, body: Mapping[str, Any]) -> object:
+        return self.custom.create_namespaced_custom_object(
+            coscheduling.GROUP, coscheduling.VERSION, namespace, coscheduling.PLURAL, dict(body)
+        )
 
     def _update_configmap(self, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]

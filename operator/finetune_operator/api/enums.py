@@ -70,6 +70,17 @@ class QuantType(StrEnum):
     FP4 = "fp4"
 
 
+class GangScheduling(StrEnum):
+    """How a job's workers are placed (runPolicy.gangScheduling; unset: the operator's default)."""
+
+    #: The default scheduler places each worker as it can: a gang that only partly fits holds the GPUs
+    #: of the workers placed until the rest can follow.
+    NONE = "none"
+    #: All or nothing: each attempt is a scheduler-plugins PodGroup, placed by a kube-scheduler running
+    #: the Coscheduling plugin only once every worker fits.
+    COSCHEDULING = "coscheduling"
+
+
 #: Optimizers that can step offloaded states: DeepSpeed swaps AdamW for its CPU Adam; 8-bit and SGD have
 #: no CPU implementation.
 OFFLOAD_OPTIMIZERS = frozenset({Optimizer.ADAMW})

@@ -16,6 +16,7 @@ from finetune_operator.api.base import ApiModel, Rule, TransitionRule
 from finetune_operator.api.enums import (
     OFFLOAD_OPTIMIZERS,
     AttentionImpl,
+    GangScheduling,
     Method,
     Offload,
     Optimizer,
@@ -473,6 +474,30 @@ class RunPolicySpec(ApiModel):
         max_length=63,
         pattern=LABEL_VALUE_PATTERN,
         description="Kueue LocalQueue to admit through (a label value: at most 63 characters).",
+    )
+    gang_scheduling: GangScheduling | None = Field(
+        default=None,
+        description="coscheduling: place the workers all or nothing, as one scheduler-plugins PodGroup per "
+        "attempt (a kube-scheduler with the Coscheduling plugin must run); none: the default scheduler "
+        "places each worker as it can. Unset: the operator's default. Combines with queueName: Kueue admits "
+        "the gang's quota, the PodGroup places it.",
+    )
+    schedule_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="With coscheduling: seconds the placed workers wait for the rest of the gang before the "
+        "scheduler releases them and tries the whole gang again (the PodGroup's scheduleTimeoutSeconds; "
+        "default: the scheduler's).",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.scheduleTimeoutSeconds) || !has(self.gangScheduling) || "
+            "self.gangScheduling != 'none'",
+            message="runPolicy.scheduleTimeoutSeconds: applies to gangScheduling coscheduling, not none",
+            check=lambda s: s.schedule_timeout_seconds is None or s.gang_scheduling != GangScheduling.NONE,
+        ),
     )
 
 

@@ -4,7 +4,8 @@
 
 The same pipeline the controller runs (parse → plan → gang → scheduling plug-in → objects), with the
 operator's settings from the environment (`FINETUNE_TRAINER_IMAGE`, …), so what it prints is what the
-operator creates: the ConfigMap, the headless Service and one worker pod per node. The owner reference
+operator creates: the ConfigMap, the headless Service, the PodGroup of a coscheduled job
+(`FINETUNE_SCHEDULING_GANG_SCHEDULING=coscheduling` renders every job so) and one worker pod per node. The owner reference
 carries the job's `metadata.uid` when the file has one (the API server assigns it). Several jobs render
 into one List. Exits 1 with the reason when a job cannot run (the webhook's answer), 2 on bad input.
 """
@@ -48,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run(args: argparse.Namespace) -> int:
     objects: list[dict[str, Any]] = []
-    options = from_env().render_options()
+    settings = from_env()
+    options, scheduling = settings.render_options(), settings.scheduling_options()
     for loaded in load_jobs(args.filename):
         job, meta = loaded.job, loaded.job.metadata
         ref = JobRef(
@@ -57,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
             uid=meta.uid or UNCREATED_UID,
             generation=meta.generation or 1,
         )
-        desired = desire(job, ref, options, args.attempt, refiner_for(job))
+        desired = desire(job, ref, options, args.attempt, refiner_for(job, scheduling))
         if isinstance(desired, SpecProblem):
             print(f"ftctl render: {loaded.where}: {desired.reason}: {desired.message}", file=sys.stderr)
             return CANNOT_RUN
-        objects += [desired.configmap, desired.service, *desired.pods]
+        objects += [desired.configmap, desired.service, *desired.companions, *desired.pods]
     if args.output == "json":
         print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
     else:

@@ -19,6 +19,7 @@ from finetune_operator.api.models import FineTuneJob, PlanStatus
 from finetune_operator.core.gang import Gang, JobRef, Refine, RenderOptions, build_gang
 from finetune_operator.core.plan import Plan, PlanningError, plan
 from finetune_operator.core.render import (
+    render_companions,
     render_configmap,
     render_pod,
     render_service,
@@ -40,6 +41,8 @@ class Desired:
     template_hash: str
     #: The trainer's ServiceAccount and RoleBinding, where the operator provides them.
     access: tuple[dict[str, Any], ...] = ()
+    #: A scheduling plug-in's objects for this attempt (the PodGroup), created before its workers.
+    companions: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,4 +126,5 @@ def desire(
         pods=tuple(render_pod(gang, index) for index in range(gang.nodes)),
         template_hash=gang.template_hash,
         access=render_trainer_access(gang),
+        companions=render_companions(gang),
     )

@@ -63,6 +63,17 @@ class JobRef:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """An object a scheduling plug-in adds to an attempt (a PodGroup): rendered with the job's labels and
+    owner reference, and created before the attempt's workers, which name it."""
+
+    api_version: str
+    kind: str
+    name: str
+    spec: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class Gang:
     """The intermediate representation of one attempt's worker gang; plug-ins refine it with `replace`."""
 
@@ -95,6 +106,14 @@ class Gang:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     template_hash: str = ""
+    companions: tuple[Companion, ...] = ()
+
+    @property
+    def group_name(self) -> str:
+        """The attempt's name for a gang scheduler's pod group: unique per job (the UID prefix outlives a
+        delete-and-recreate under the same name) and attempt, so a restarted or resumed gang never joins a
+        finished group; a valid label value and object name (at most 63 characters)."""
+        return f"{names.job_base(self.job.name)[:44].rstrip('-')}-{self.job.uid[:5]}-{self.attempt}"
 
     @property
     def rendezvous(self) -> Rendezvous:

@@ -114,7 +114,8 @@ class Actions:
 
     status: FineTuneJobStatus
     status_changed: bool
-    #: The trainer's account and binding, ConfigMap and Service: create if absent, update if different
+    #: The trainer's account and binding, the attempt's PodGroup, ConfigMap and Service: create if absent
+    #: (a ConfigMap is updated if different)
     ensure: tuple[dict[str, Any], ...] = ()
     delete_pods: tuple[str, ...] = ()
     #: Pods on lost nodes, deleted without a grace period (see `_lost`)
@@ -298,7 +299,7 @@ def reconcile(
         return d.actions()
 
     if gang.missing:
-        d.ensure.extend([*desired.access, desired.configmap, desired.service])
+        d.ensure.extend([*desired.access, *desired.companions, desired.configmap, desired.service])
         d.create.extend(desired.pods[i] for i in gang.missing)
         if not current:
             d.events.append(

@@ -1,6 +1,7 @@
 """From a worker gang (`core/gang.py`) to the objects that run it: plain JSON-ready dicts.
 
-`render_*` turn the `Gang` into core/v1 ConfigMap, Service and Pods that tests compare whole and the
+`render_*` turn the `Gang` into core/v1 ConfigMap, Service and Pods (and a scheduling plug-in's companion
+objects) that tests compare whole and the
 adapter sends as they are.
 """
 
@@ -109,6 +110,19 @@ def render_service(gang: Gang) -> dict[str, Any]:
             "ports": [{"name": "rendezvous", "port": gang.master_port, "targetPort": gang.master_port}],
         },
     }
+
+
+def render_companions(gang: Gang) -> tuple[dict[str, Any], ...]:
+    """The scheduling plug-ins' objects for this attempt (a PodGroup), owned by the job."""
+    return tuple(
+        {
+            "apiVersion": companion.api_version,
+            "kind": companion.kind,
+            "metadata": _metadata(gang, companion.name, "scheduling"),
+            "spec": dict(companion.spec),
+        }
+        for companion in gang.companions
+    )
 
 
 def _volumes(gang: Gang) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

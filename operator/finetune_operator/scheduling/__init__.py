@@ -1,8 +1,11 @@
 """Gang-scheduling plug-ins: each refines the worker gang (`core.gang.Gang`) for one scheduler.
 
 One protocol, one explicit registry (no registration as an import side effect). A plug-in is pure: it
-adds labels, annotations or other fields to the IR and never reads the cluster. Which one applies is a
-property of the job: `runPolicy.queueName` asks for Kueue, anything else runs on the default scheduler.
+adds labels, annotations, a scheduler name or companion objects to the IR and never reads the cluster.
+Which apply is a property of the job and the operator's defaults (`SchedulingOptions`), and they
+compose: `runPolicy.queueName` asks Kueue to admit the gang's quota, `gangScheduling: coscheduling` (or
+the operator's default) asks scheduler-plugins' Coscheduling to place it all or nothing; a job asking for
+neither runs on the default scheduler as rendered.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import Protocol
 
 from finetune_operator.api.models import FineTuneJob
 from finetune_operator.core.gang import Gang, Refine
+from finetune_operator.scheduling.coscheduling import Coscheduling
 from finetune_operator.scheduling.kueue import Kueue
-from finetune_operator.scheduling.none import DefaultScheduler
+from finetune_operator.scheduling.options import SchedulingOptions
 
 
 class SchedulingPlugin(Protocol):
@@ -21,28 +25,34 @@ class SchedulingPlugin(Protocol):
 
     name: str
 
-    def applies(self, job: FineTuneJob) -> bool:
-        """Whether the job asks for this scheduler."""
+    def applies(self, job: FineTuneJob, options: SchedulingOptions) -> bool:
+        """Whether the job (or, where it does not say, the operator) asks for this scheduler."""
         ...
 
-    def refine(self, gang: Gang, job: FineTuneJob) -> Gang:
+    def refine(self, gang: Gang, job: FineTuneJob, options: SchedulingOptions) -> Gang:
         """The gang with what this scheduler needs added; never mutates its input."""
         ...
 
 
-#: In order of precedence: the first plug-in that applies to a job wins; the default always applies.
-REGISTRY: Mapping[str, SchedulingPlugin] = {"kueue": Kueue(), "default": DefaultScheduler()}
+#: Applied in this order, each that applies to a job over the previous one's gang.
+REGISTRY: Mapping[str, SchedulingPlugin] = {"kueue": Kueue(), "coscheduling": Coscheduling()}
 
 
-def plugin_for(job: FineTuneJob) -> SchedulingPlugin:
-    return next(plugin for plugin in REGISTRY.values() if plugin.applies(job))
+def plugins_for(job: FineTuneJob, options: SchedulingOptions) -> tuple[SchedulingPlugin, ...]:
+    return tuple(plugin for plugin in REGISTRY.values() if plugin.applies(job, options))
 
 
-def refiner_for(job: FineTuneJob) -> Refine:
+def refiner_for(job: FineTuneJob, options: SchedulingOptions | None = None) -> Refine:
     """The refinement `core.desire.desire` applies to this job's gang."""
-    plugin = plugin_for(job)
+    chosen = options or SchedulingOptions()
+    plugins = plugins_for(job, chosen)
 
     def refine(gang: Gang) -> Gang:
-        return plugin.refine(gang, job)
+        for plugin in plugins:
+            gang = plugin.refine(gang, job, chosen)
+        return gang
 
     return refine
+
+
+__all__ = ["REGISTRY", "SchedulingOptions", "SchedulingPlugin", "plugins_for", "refiner_for"]

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from finetune_operator.api.models import FineTuneJob
-from finetune_operator.core import names
 from finetune_operator.core.gang import Gang
+from finetune_operator.scheduling.options import SchedulingOptions
 
 QUEUE_NAME = "kueue.x-k8s.io/queue-name"
 POD_GROUP_NAME = "kueue.x-k8s.io/pod-group-name"
@@ -23,24 +23,18 @@ POD_GROUP_TOTAL_COUNT = "kueue.x-k8s.io/pod-group-total-count"
 RETRIABLE_IN_GROUP = "kueue.x-k8s.io/retriable-in-group"
 
 
-def pod_group_name(gang: Gang) -> str:
-    """Unique per job (the UID prefix outlives a delete-and-recreate under the same name) and attempt;
-    a valid label value and Workload name (≤ 63 characters)."""
-    return f"{names.job_base(gang.job.name)[:44].rstrip('-')}-{gang.job.uid[:5]}-{gang.attempt}"
-
-
 class Kueue:
     name = "kueue"
 
-    def applies(self, job: FineTuneJob) -> bool:
+    def applies(self, job: FineTuneJob, options: SchedulingOptions) -> bool:
         return job.spec.run_policy.queue_name is not None
 
-    def refine(self, gang: Gang, job: FineTuneJob) -> Gang:
+    def refine(self, gang: Gang, job: FineTuneJob, options: SchedulingOptions) -> Gang:
         queue = job.spec.run_policy.queue_name
         assert queue is not None, "Kueue.refine is only called for jobs it applies to"
         return replace(
             gang,
-            labels={**gang.labels, QUEUE_NAME: queue, POD_GROUP_NAME: pod_group_name(gang)},
+            labels={**gang.labels, QUEUE_NAME: queue, POD_GROUP_NAME: gang.group_name},
             annotations={
                 **gang.annotations,
                 POD_GROUP_TOTAL_COUNT: str(gang.nodes),
