@@ -6,8 +6,10 @@ GIB = 1024**3
 
 
 def count(number: int, noun: str) -> str:
-    """`1 GPU`, `2 GPUs`, `1 worker`: never `1 GPUs` or `worker(s)`."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+    """`1 GPU`, `2 GPUs`, `1 worker`, `2 relaunches`: never `1 GPUs` or `worker(s)`."""
+    if number == 1:
+        return f"{number} {noun}"
+    return f"{number} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
 def gib(size: int) -> str:

@@ -70,7 +70,7 @@ def describe(job: dict[str, Any], events: list[dict[str, Any]], now: datetime) -
         lines.append(
             f"Workers:     {workers.running}/{workers.total} running, {workers.pending} pending, "
             f"{workers.succeeded} succeeded, {workers.failed} failed; {count(status.restarts, 'restart')}, "
-            f"{count(status.disruptions, 'disruption')}"
+            f"{count(status.disruptions, 'disruption')}, {count(status.relaunches, 'relaunch')}"
         )
     if status.conditions:
         lines.append("Conditions:")
