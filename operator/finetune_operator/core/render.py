@@ -1,8 +1,7 @@
 """From a worker gang (`core/gang.py`) to the objects that run it: plain JSON-ready dicts.
 
 `render_*` turn the `Gang` into core/v1 ConfigMap, Service and Pods (and a scheduling plug-in's companion
-objects) that tests compare whole and the
-adapter sends as they are.
+objects) that tests compare whole and the adapter sends as they are.
 """
 
 from __future__ import annotations
