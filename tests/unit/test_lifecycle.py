@@ -362,6 +362,7 @@ def test_a_job_that_does_not_fit_fails_without_pods() -> None:
     assert condition(actions, "MemoryFits") == ("False", "MemoryFits")
     assert condition(actions, "Failed") == ("True", "MemoryFits")
     assert actions.status.plan is not None and not actions.status.plan.fits
+    assert actions.status.observed_generation == 1  # the verdict is for this generation
     assert actions.create_pods == () and actions.ensure == ()
     assert reasons(actions) == ["MemoryFits"]
 

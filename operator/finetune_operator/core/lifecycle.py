@@ -242,12 +242,13 @@ def reconcile(
         _finished(d, ours, run_policy)
         return d.actions()
 
+    # Acted on, whether it runs or fails: a client waiting on observedGeneration sees the verdict too.
+    d.status.observed_generation = job.generation
     if isinstance(desired, SpecProblem):
         _cannot_run(d, desired, ours)
         return d.actions()
 
     d.status.plan = desired.plan
-    d.status.observed_generation = job.generation
     d.condition(ConditionType.PLANNED, True, "Planned", desired.plan.message)
     d.condition(ConditionType.MEMORY_FITS, True, "MemoryFits", desired.plan.message)
     if d.status.phase is None:
