@@ -5,6 +5,7 @@ test_operator.py's webhook test)."""
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 import subprocess
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 import yaml
 from cryptography import x509
 
-from finetune_operator.settings import from_env
+from finetune_operator.api.enums import GangScheduling
+from finetune_operator.scheduling.options import SchedulingOptions
+from finetune_operator.settings import Settings, from_env
 
 from .conftest import BIN, REPO
 
@@ -30,6 +33,12 @@ def helm(*args: str) -> str:
 def rendered(*values: str) -> dict[str, dict[str, Any]]:
     text = helm("template", "ft", str(CHART), "-n", "ops", "--kube-version", "1.37.2", *values)
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(text) if d}
+
+
+def operator_settings(*values: str) -> Settings:
+    """The settings the operator's container reads from the environment the chart gives it."""
+    container = rendered(*values)["Deployment/ft"]["spec"]["template"]["spec"]["containers"][0]
+    return from_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
 
 
 def test_the_chart_lints_strictly() -> None:
@@ -86,9 +95,7 @@ def test_the_trainer_images_attention_kernels_reach_the_operator() -> None:
     """What the chart says trainerImage has is what the webhook admits (core/desire.py)."""
 
     def kernels(*values: str) -> list[str]:
-        container = rendered(*values)["Deployment/ft"]["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        return sorted(a.value for a in from_env(env).render_options().attention_implementations)
+        return sorted(a.value for a in operator_settings(*values).render_options().attention_implementations)
 
     assert kernels() == ["eager", "sdpa"]  # the image built from Dockerfile.trainer: no flash-attn
     assert kernels("--set", "trainerAttentionImplementations={sdpa,flash_attention_2}") == [
@@ -99,12 +106,22 @@ def test_the_trainer_images_attention_kernels_reach_the_operator() -> None:
 
 def test_the_gpu_nodes_memory_reaches_the_planner() -> None:
     def node_memory(*values: str) -> int | None:
-        container = rendered(*values)["Deployment/ft"]["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        return from_env(env).render_options().node_memory_bytes
+        return operator_settings(*values).render_options().node_memory_bytes
 
     assert node_memory() is None  # not checked unless the platform team says
     assert node_memory("--set", "placement.nodeMemory=512Gi") == 512 * 1024**3
+
+
+def test_the_gang_scheduling_default_reaches_the_operator_with_leave_to_create_pod_groups() -> None:
+    assert operator_settings().scheduling_options() == SchedulingOptions()  # off unless the team says
+    chosen = operator_settings(
+        "--set", "scheduling.gangScheduling=coscheduling,scheduling.coschedulingSchedulerName=gang"
+    ).scheduling_options()
+    assert chosen == SchedulingOptions(GangScheduling.COSCHEDULING, "gang")
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["scheduling"]
+    assert schema["properties"]["gangScheduling"]["enum"] == [g.value for g in GangScheduling]
+    rules = rendered()["ClusterRole/ft"]["rules"]
+    assert any("podgroups" in r["resources"] and "create" in r["verbs"] for r in rules)
 
 
 @pytest.mark.parametrize("value", ["webhook.enabled=false", "webhook.certManager.enabled=true"])
@@ -177,6 +194,7 @@ def test_replicas_are_ready_when_healthy_spread_over_nodes_and_drained_one_at_a_
         ("placement.preset=aks", "value must be one of 'nvidia-gfd', 'gke', 'eks'"),
         ("metrics.podMonitor.interval=often", "does not match pattern"),
         ("placement.nodeMemory=lots", "does not match pattern"),
+        ("scheduling.gangScheduling=volcano", "value must be one of 'none', 'coscheduling'"),
         (
             "trainerAttentionImplementations={flash}",
             "value must be one of 'sdpa', 'eager', 'flash_attention_2'",
