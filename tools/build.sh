@@ -59,8 +59,11 @@ build_group() {
         ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=${kv}"
       done ;;
     kueue) ldflags+=" -X sigs.k8s.io/kueue/pkg/version.GitVersion=$(mod_version sigs.k8s.io/kueue kueue)" ;;
-    coscheduling) local v; v="$(mod_version sigs.k8s.io/scheduler-plugins coscheduling)"  # as its Makefile stamps it
-      ldflags+=" -X k8s.io/component-base/version.gitVersion=${v}" ;;
+    coscheduling)  # the Kubernetes it is built from (the replace block), not its own v0.34.x as its Makefile
+      # stamps it: component-base reads the binary's version as Kubernetes' and refuses to start when its
+      # emulation version (0.34) falls below the minimum compatibility version (1.31).
+      local kv; kv="$(sed -n 's#^\tk8s.io/kubernetes => k8s.io/kubernetes \(v[^ ]*\)$#\1#p' "$here/coscheduling/go.mod")"
+      ldflags+=" -X k8s.io/component-base/version.gitVersion=${kv}" ;;
     prometheus) local v; v="$(mod_version github.com/prometheus/prometheus prometheus)"
       ldflags+=" -X github.com/prometheus/common/version.Version=${v}"; tags="remove_all_sd,enable_kubernetes_sd" ;;
   esac

@@ -23,9 +23,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 from kubernetes import config as kube_config
 from kubernetes.client import (
     ApiClient,
@@ -68,6 +69,13 @@ class Cluster:
             timeout=120,
             check=check,
         )
+
+    def install_crds(self, crds: list[dict[str, Any]]) -> None:
+        """Apply CustomResourceDefinitions (server-side: some are too big for the last-applied
+        annotation) and wait until the API server serves them."""
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(crds))
+        names = [f"crd/{crd['metadata']['name']}" for crd in crds]
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
 
 
 def cluster_script(*args: str, timeout: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
@@ -162,7 +170,16 @@ def claims(cluster: Cluster, namespace: str) -> Iterator[None]:
 
 
 @pytest.fixture
-def operator(cluster: Cluster, namespace: str, claims: None, tmp_path: Path) -> Iterator[Operator]:
+def operator_env() -> dict[str, str]:
+    """Settings the `operator` fixture's process gets on top of the harness's; a test module overrides
+    this fixture to run every test's operator with other defaults."""
+    return {}
+
+
+@pytest.fixture
+def operator(
+    cluster: Cluster, namespace: str, claims: None, tmp_path: Path, operator_env: dict[str, str]
+) -> Iterator[Operator]:
     """A standalone operator watching this test's namespace, with the trainer service account."""
     from .harness import Operator
 
@@ -170,7 +187,7 @@ def operator(cluster: Cluster, namespace: str, claims: None, tmp_path: Path) -> 
     core.create_namespaced_service_account(
         namespace, V1ServiceAccount(metadata=V1ObjectMeta(name="finetune-trainer"))
     )
-    process = Operator(cluster, namespace, tmp_path / "operator.log").start()
+    process = Operator(cluster, namespace, tmp_path / "operator.log", env=operator_env).start()
     yield process
     process.stop()
     print(f"--- operator log ({process.log}) ---\n{process.tail(80)}")

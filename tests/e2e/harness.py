@@ -20,7 +20,7 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi
 
 from .conftest import REPO, Cluster
 from .kwok import finish_pod
-from .processes import free_port, log_tail, stop_process
+from .processes import free_port, log_tail, start_logged, stop_process
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 EXAMPLE = REPO / "examples" / "llama2-7b-alpaca-lora.yaml"
@@ -65,10 +65,7 @@ class Operator:
             "--health-port", "0",
             *self.args,
         ]  # fmt: skip
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=REPO
-            )
+        self.proc = start_logged(command, self.log, env={**os.environ, **self.env}, cwd=REPO)
         return self
 
     def kill9(self) -> None:
@@ -170,6 +167,17 @@ def two_nodes(name: str, **run_policy: Any) -> dict[str, Any]:
 
 def create(api: CustomObjectsApi, namespace: str, document: dict[str, Any]) -> None:
     api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, document)
+
+
+def delete(api: CustomObjectsApi, namespace: str, name: str) -> None:
+    api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def set_run_policy(api: CustomObjectsApi, namespace: str, name: str, **run_policy: Any) -> None:
+    """Patch the job's runPolicy fields (suspend=True, ...), as `kubectl patch` would."""
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": {"runPolicy": run_policy}}
+    )
 
 
 def get(api: CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:

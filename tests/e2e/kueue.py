@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import socket
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -29,7 +28,7 @@ from finetune_operator.core.status import KUEUE_GATE
 from finetune_operator.scheduling.kueue import QUEUE_NAME
 
 from .conftest import BIN, Cluster
-from .processes import free_port, log_tail, stop_process
+from .processes import LocalProcess, free_port, start_logged
 
 CONFIG = BIN / "kueue-config"
 NAMESPACE = "kueue-system"  # Kueue's own namespace (its Configuration's default)
@@ -85,45 +84,23 @@ def webhook_configurations() -> list[dict[str, Any]]:
     return documents
 
 
-class Kueue:
+class Kueue(LocalProcess):
     """`with Kueue(cluster, workdir) as kueue:` runs the controller until the block ends."""
 
     def __init__(self, cluster: Cluster, workdir: Path) -> None:
         self.cluster, self.workdir = cluster, workdir
         self.log = workdir / "kueue.log"
         self.address, self.webhook_port, self.health_port = host_address(), free_port(), free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
         self.core = CoreV1Api(cluster.api_client)
 
-    def __enter__(self) -> Kueue:
+    def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        crds = custom_resource_definitions()
-        self.cluster.kubectl(
-            "apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(crds)
-        )
-        names = [f"crd/{crd['metadata']['name']}" for crd in crds]
-        self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
-        try:
-            self._expose()
-            config = self.workdir / "config.yaml"
-            config.write_text(yaml.safe_dump(self._configuration()))
-            with self.log.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    [
-                        str(BIN / "kueue"),
-                        "--config",
-                        str(config),
-                        "--kubeconfig",
-                        str(self.cluster.kubeconfig),
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            self._wait_ready()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+        self.cluster.install_crds(custom_resource_definitions())
+        self._expose()
+        config = self.workdir / "config.yaml"
+        config.write_text(yaml.safe_dump(self._configuration()))
+        command = [str(BIN / "kueue"), "--config", str(config), "--kubeconfig", str(self.cluster.kubeconfig)]
+        self.proc = start_logged(command, self.log)
 
     def _configuration(self) -> dict[str, Any]:
         return {
@@ -200,7 +177,7 @@ class Kueue:
             DiscoveryV1Api(self.cluster.api_client).delete_namespaced_endpoint_slice(SERVICE, NAMESPACE)
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_service(SERVICE, NAMESPACE)
-        stop_process(self.proc)
+        super().__exit__()
 
     def _wait_ready(self, timeout: float = 90) -> None:
         """Until its readiness probe answers and the API server, through the webhook, gates a queued pod
@@ -263,6 +240,3 @@ class Kueue:
                 f"{workload['metadata']['name']} priority={spec.get('priority')} {pods} {conditions}"
             )
         return "\n".join(lines)
-
-    def tail(self, lines: int = 40) -> str:
-        return log_tail(self.log, lines)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .conftest import BIN, REPO
-from .processes import free_port
+from .processes import free_port, start_logged
 
 RULES = REPO / "charts" / "finetune-operator" / "prometheus" / "alerts.yaml"
 #: Scrapes and rule evaluations this often, so a test sees a change within seconds.
@@ -113,17 +113,13 @@ def running_prometheus(config: dict[str, Any], workdir: Path) -> Iterator[Promet
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = workdir / "prometheus.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [
-                str(BIN / "prometheus"),
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    command = [
+        str(BIN / "prometheus"),
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    process = start_logged(command, log)
     server = Prometheus(f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + 60

@@ -27,6 +27,7 @@ from .harness import (
     finish_all,
     get,
     phase_is,
+    set_run_policy,
     two_nodes,
     wait_job,
     wait_pods,
@@ -198,12 +199,6 @@ def test_a_higher_priority_job_preempts_through_kueue_and_the_preempted_one_resu
         for name in (low, high):
             with contextlib.suppress(ApiException):
                 scheduling.delete_priority_class(name)
-
-
-def set_run_policy(api: CustomObjectsApi, namespace: str, name: str, **run_policy: Any) -> None:
-    api.patch_namespaced_custom_object(
-        "finetune.dev", "v1alpha1", namespace, "finetunejobs", name, {"spec": {"runPolicy": run_policy}}
-    )
 
 
 def test_suspend_and_resume_queue_the_gang_again_as_a_fresh_pod_group(

@@ -66,11 +66,13 @@ from .harness import (
     bound_claims,
     condition,
     create,
+    delete,
     eventually,
     example,
     finish_all,
     get,
     phase_is,
+    set_run_policy,
     two_nodes,
     wait_job,
     wait_pods,
@@ -284,13 +286,11 @@ def test_suspend_removes_the_workers_and_resume_brings_them_back(
     ns, name = operator.namespace, "pausable"
     create(api, ns, two_nodes(name))
     wait_pods(core, ns, name, all_running(2), "two running workers")
-    patch = {"spec": {"runPolicy": {"suspend": True}}}
-    api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+    set_run_policy(api, ns, name, suspend=True)
     wait_pods(core, ns, name, lambda pods: not pods, "no workers while suspended")
     status = wait_job(api, operator, name, phase_is("Suspended"), "Suspended")
     assert status["plan"]["nodes"] == 2 and status["restarts"] == 0
-    patch["spec"]["runPolicy"]["suspend"] = False
-    api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+    set_run_policy(api, ns, name, suspend=False)
     wait_pods(core, ns, name, all_running(2, attempt=1), "the workers back, as a new attempt")
     status = wait_job(api, operator, name, phase_is("Running"), "Running again")
     assert condition(status, "Suspended")["reason"] == "Resumed"
@@ -304,7 +304,7 @@ def test_deleting_the_job_garbage_collects_everything(
     create(api, ns, two_nodes(name))
     wait_pods(core, ns, name, all_running(2), "two running workers")
     assert get(api, ns, name)["metadata"].get("finalizers") in (None, [])
-    api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    delete(api, ns, name)
     wait_pods(core, ns, name, lambda pods: not pods, "pods garbage-collected")
 
     def left() -> list[str]:
@@ -1080,19 +1080,17 @@ def chaos_step(api: CustomObjectsApi, core: CoreV1Api, ns: str, name: str, kind:
     phase = status.get("phase")
     if kind == "delete":
         if running:
-            api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            delete(api, ns, name)
         return False
     if phase in ("Succeeded", "Failed"):
         return not [p for p in live if p.status.phase in ("Pending", "Running")]
     if kind == "suspend":
         suspended = (get(api, ns, name)["spec"].get("runPolicy") or {}).get("suspend", False)
         if running and "suspended" not in done:
-            patch = {"spec": {"runPolicy": {"suspend": True}}}
-            api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+            set_run_policy(api, ns, name, suspend=True)
             done.add("suspended")
         elif suspended and phase == "Suspended" and not live:
-            patch = {"spec": {"runPolicy": {"suspend": False}}}
-            api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+            set_run_policy(api, ns, name, suspend=False)
             done.add("resumed")
         elif running and "resumed" in done and not suspended:
             finish_pod(core, ns, running[0].metadata.name, 0)

@@ -139,6 +139,21 @@ def test_unschedulable_carries_the_schedulers_message() -> None:
     )
 
 
+def test_a_coscheduled_gang_shows_the_worker_that_did_not_fit_not_the_siblings_held_back() -> None:
+    """Coscheduling rejects the whole group when one worker does not fit; the others' messages only say
+    so, the one that did not fit says why."""
+    cause = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu. PodGroup g gets rejected"
+    pods = [
+        pod_doc(
+            0, phase="Pending", unschedulable="0/1 nodes are available: 1 optimistic rejection in PostFilter."
+        ),
+        pod_doc(1, phase="Pending", unschedulable=cause),
+    ]
+    actions = run(running_status(phase=Phase.SCHEDULING), pods)
+    assert condition(actions, "Scheduled") == ("False", "Unschedulable")
+    assert actions.events == (Event("Warning", "Unschedulable", f"tiny-worker-1: {cause}"),)
+
+
 def test_kueue_gated_workers_are_queued_and_queue_time_is_not_charged_to_the_deadline() -> None:
     """A gang Kueue holds is Queued with the deadline clock stopped (a Job's startTime is likewise unset
     while Kueue keeps it suspended); the clock starts when the gang is admitted, and stops again if Kueue

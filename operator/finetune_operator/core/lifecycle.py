@@ -53,6 +53,7 @@ from finetune_operator.core.status import (
     CONFIG_WAIT_REASONS,
     FINISHED,
     IMAGE_PULL_REASONS,
+    SIBLING_REJECTIONS,
     ConditionType,
     GangObservation,
     NodeView,
@@ -592,7 +593,8 @@ def _follow_pods(d: _Decision, gang: GangObservation, run_policy: RunPolicySpec)
         return
     unscheduled = [w for w in gang.workers if w.state == WorkerState.UNSCHEDULED and w.reason]
     if unscheduled:
-        worker = unscheduled[0]
+        # The first worker the scheduler gave its own reason, over one held back for a sibling's sake.
+        worker = min(unscheduled, key=lambda w: any(words in w.message for words in SIBLING_REJECTIONS))
         message = f"{worker.name}: {worker.message}" if worker.message else worker.name
         if d.condition(ConditionType.SCHEDULED, False, worker.reason, message):
             d.events.append(

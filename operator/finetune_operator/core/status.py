@@ -46,6 +46,9 @@ IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImag
 #: Container waiting reasons that mean the pod spec cannot start (bad secret/configmap reference, …).
 CONFIG_WAIT_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
 KUEUE_GATE = "kueue.x-k8s.io/admission"
+#: What scheduler-plugins' Coscheduling says of a worker it turned away because a sibling did not fit: the
+#: sibling's own message (`0/4 nodes are available: 4 Insufficient nvidia.com/gpu ...`) is the one to show.
+SIBLING_REJECTIONS = ("optimistic rejection in PostFilter", "rejection in Unreserve")
 #: Pod conditions that say something other than the pod's own program is ending it: Kubernetes writes
 #: DisruptionTarget before a preemption, eviction or drain; Kueue writes TerminationTarget before it
 #: deletes a plain pod it stops (reason WorkloadEvictedDueToPreempted when a higher-priority workload
