@@ -217,7 +217,9 @@ def test_fuzzed_specs_are_refused_naming_the_field_or_planned_or_failed_with_a_r
     before = reconciles()
     time.sleep(10)
     spun = reconciles() - before
-    print(f"phases {Counter(get(api, ns, name)['status']['phase'] for name in names)}; {spun:g} reconciles idle")
+    print(
+        f"phases {Counter(get(api, ns, name)['status']['phase'] for name in names)}; {spun:g} reconciles idle"
+    )
     assert spun <= CREATED, f"{spun} reconciles in 10 s with nothing changing: a hot loop\n{operator.tail()}"
     metrics = operator.metrics()
     assert 'finetune_reconcile_errors_total{kind="unexpected"}' not in metrics, metrics
