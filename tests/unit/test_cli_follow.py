@@ -73,7 +73,10 @@ def test_status_reads_in_human_units() -> None:
         in text
     )
     assert "Progress:    33% (20/60), loss 5.753, 1,234 tokens/s, peak 15.2 GiB per GPU, ETA 11s" in text
-    assert "Workers:     2/2 running, 0 pending, 0 succeeded, 0 failed; 1 restart, 0 disruptions, 0 relaunches\n" in text
+    assert (
+        "Workers:     2/2 running, 0 pending, 0 succeeded, 0 failed; 1 restart, 0 disruptions, 0 relaunches\n"
+        in text
+    )
     assert "Running   True     Running   40s" in text
     assert "40s   Normal   Running   finetune-operator   2 workers running" in text
 
