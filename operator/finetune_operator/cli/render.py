@@ -7,7 +7,8 @@ operator's settings from the environment (`FINETUNE_TRAINER_IMAGE`, …), so wha
 operator creates: the ConfigMap, the headless Service, the PodGroup of a coscheduled job
 (`FINETUNE_SCHEDULING_GANG_SCHEDULING=coscheduling` renders every job so) and one worker pod per node.
 The owner reference carries the job's `metadata.uid` when the file has one (the API server assigns it).
-Several jobs render into one List. Exits 1 with the reason when a job cannot run (the webhook's answer), 2 on bad input.
+Several jobs render into one List. Exits 1 with the reason when a job cannot run (the webhook's answer),
+2 on bad input.
 """
 
 from __future__ import annotations
