@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(CURDIR)/.cache
 export PATH := $(CACHE)/bin:$(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup test unit lint bench bench-trainer crds crds-apply tools node-deps images cluster-up cluster-down
+.PHONY: help setup test unit lint bench bench-trainer bench-soak crds crds-apply tools node-deps images cluster-up cluster-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench: setup ## run the benchmarks and write bench/results/
 bench-operator: setup tools ## ours vs the Kubeflow Training Operator (built from its Go module) at N=50, 200 jobs (~10 min)
 	tools/build.sh $(CACHE)/bin kubeflow
 	$(PY) bench/operator_scale.py --jobs $(or $(JOBS),50 200) --write bench/results/operator-scale.json
+
+bench-soak: setup tools ## our operator through 1,500 job create/delete cycles: its RSS slope (~8 min)
+	$(PY) bench/operator_soak.py --cycles $(or $(CYCLES),1500) --write bench/results/operator-soak.json
 
 GPU_NAME ?= gpu
 bench-trainer: setup ## on a GPU: each method's measured peak memory and tokens/s vs the estimate

@@ -132,14 +132,15 @@ def kubeflow_module_dir() -> Path:
 
 
 @contextlib.contextmanager
-def bench_cluster(nodes: int) -> Iterator[ApiClient]:
-    """The control plane with `nodes` fake 8-GPU nodes, our CRD and Kubeflow's PyTorchJob CRD."""
+def bench_cluster(nodes: int, kubeflow: bool = True) -> Iterator[ApiClient]:
+    """The control plane with `nodes` fake 8-GPU nodes, our CRD and (`kubeflow`) Kubeflow's PyTorchJob CRD."""
     with tempfile.TemporaryDirectory() as tmp:
         crds = Path(tmp) / "crds"
         crds.mkdir()
         for crd in (REPO / "crds").glob("*.yaml"):
             shutil.copy(crd, crds)
-        shutil.copy(kubeflow_module_dir() / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml", crds)
+        if kubeflow:
+            shutil.copy(kubeflow_module_dir() / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml", crds)
         pools = {
             "pools": [
                 {
