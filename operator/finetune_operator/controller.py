@@ -46,6 +46,10 @@ from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import refiner_for
 from finetune_operator.settings import Settings
 
+log = logging.getLogger(__name__)
+#: Logged once per process, when the replica first acts after its handover wait (`Controller._handover`).
+ACTING_MESSAGE = "acting from now on"
+
 T = TypeVar("T")
 
 #: What a job's spec plans to: the parsed job and its desired objects, or why it cannot run.
@@ -144,6 +148,9 @@ class Controller:
         #: The threads the synchronous client's writes run in: sized, so a burst of jobs queues here
         #: rather than in the default pool every other to_thread shares.
         self._executor = ThreadPoolExecutor(settings.timing.api_threads, thread_name_prefix="finetune-api")
+        #: When this replica may first act (event-loop time), set when its first job loop starts.
+        self._acting_from: float | None = None
+        self._handed_over = False
 
     def credentials(self) -> kopf.ConnectionInfo:
         """What kopf logs in with: the adapter's own connection."""
@@ -200,6 +207,7 @@ class Controller:
         errors = 0
         reported: str | None = None  # the last error posted as an event, so each is posted once
         try:
+            await self._handover()
             await self.synced()
             while True:
                 delay: float | None
@@ -244,6 +252,25 @@ class Controller:
             self._wakers.pop(key, None)
             self._intents.pop(key, None)
             self.metrics.forget(namespace, name)
+
+    async def _handover(self) -> None:
+        """With peering, wait `handover_seconds` from this replica's first job loop before acting.
+
+        kopf starts the loops as soon as this replica finds no peer above it, but a lower replica that
+        was acting pauses only once its watch brings this one's record, and its loops then take a moment
+        to stop: for that moment both would act. The wait counts from the first loop, so loops started
+        later wait less or not at all. A replica whose first loop starts only when it takes over from a
+        crashed peer waits too, needlessly: it cannot tell the two cases apart."""
+        if self.settings.peering.standalone:
+            return
+        loop = asyncio.get_running_loop()
+        handover = self.settings.peering.handover_seconds
+        if self._acting_from is None:
+            self._acting_from = loop.time() + handover
+        await asyncio.sleep(max(self._acting_from - loop.time(), 0.0))
+        if not self._handed_over:  # what a replica did is told from its log by this line
+            self._handed_over = True
+            log.info("%s: waited %.0f s for any replica this one outranks to stop", ACTING_MESSAGE, handover)
 
     async def _job(self, namespace: str, name: str) -> Document | None:
         """The job from the store; from the API server (and into the store) when the store has not seen it

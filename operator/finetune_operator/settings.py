@@ -107,12 +107,16 @@ class PeeringSettings:
     standalone: bool = False
     #: Name of the KopfPeering / ClusterKopfPeering object the replicas meet in.
     name: str = "finetune-operator"
-    #: This replica's priority; replicas with equal priority would both act, so the chart gives each
-    #: pod a distinct one (0 means: pick a random one at start-up).
+    #: This replica's priority; replicas with equal priority all pause (kopf warns), so each draws its
+    #: own (0 means: pick a random one at start-up).
     priority: int = 0
     #: Seconds a replica's peering record stays valid without a heartbeat: after a crash, the next
     #: replica takes over at most this long later. kopf's default; shorter means more API writes.
     lifetime_seconds: int = 60
+    #: Seconds a replica that has just started waits before it first acts. kopf pauses the replica it
+    #: outranks only once that one sees its record, and then stops its loops (each has 5 s to stop):
+    #: until then both would act. Costs a failover this much on top of `lifetime_seconds`.
+    handover_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from cryptography import x509
 
 from finetune_operator.api.enums import GangScheduling
 from finetune_operator.scheduling.options import SchedulingOptions
-from finetune_operator.settings import Settings, from_env
+from finetune_operator.settings import PeeringSettings, Settings, from_env
 
 from .conftest import BIN, REPO
 
@@ -122,6 +122,12 @@ def test_the_gang_scheduling_default_reaches_the_operator_with_leave_to_create_p
     assert schema["properties"]["gangScheduling"]["enum"] == [g.value for g in GangScheduling]
     rules = rendered()["ClusterRole/ft"]["rules"]
     assert any("podgroups" in r["resources"] and "create" in r["verbs"] for r in rules)
+
+
+def test_the_peering_timings_reach_the_operator() -> None:
+    assert operator_settings().peering == PeeringSettings()  # the operator's defaults are the chart's
+    chosen = operator_settings("--set", "peering.lifetimeSeconds=20,peering.handoverSeconds=3").peering
+    assert (chosen.lifetime_seconds, chosen.handover_seconds) == (20, 3.0)
 
 
 @pytest.mark.parametrize("value", ["webhook.enabled=false", "webhook.certManager.enabled=true"])

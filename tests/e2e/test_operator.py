@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from finetune_operator.api.models import parse_job
 from finetune_operator.api.trainer import PROGRESS_ANNOTATION, ProgressReport
 from finetune_operator.cli import main as ftctl
 from finetune_operator.client import DoesNotFit, FineTuneClient
+from finetune_operator.controller import ACTING_MESSAGE
 from finetune_operator.core.plan import plan
 from finetune_trainer.progress import PodAnnotationReporter
 
@@ -664,7 +667,7 @@ def test_two_peered_replicas_under_the_charts_rbac_one_acts_and_the_other_takes_
     release = f"ft-{namespace[-6:]}"
     documents = install_chart(cluster, namespace, release)
     kubeconfig = service_account_kubeconfig(cluster, namespace, release, tmp_path / "sa.kubeconfig")
-    fast_peering = {"FINETUNE_PEERING_LIFETIME_SECONDS": "3"}
+    fast_peering = {"FINETUNE_PEERING_LIFETIME_SECONDS": "3", "FINETUNE_PEERING_HANDOVER_SECONDS": "3"}
     active = Operator(
         cluster,
         namespace,
@@ -1104,7 +1107,7 @@ def chaos_step(api: CustomObjectsApi, core: CoreV1Api, ns: str, name: str, kind:
 def chaos(
     api: CustomObjectsApi,
     core: CoreV1Api,
-    operator: Operator,
+    operators: Sequence[Operator],
     disrupt: Callable[[int], None],
     *,
     seed: int = 14,
@@ -1114,8 +1117,12 @@ def chaos(
     `disrupt(n)` before each but the first (and once more at the end, with nothing left to do), at random
     moments, while every job is moved along its life a step now and then. Then every job must have ended
     as it should, with its restarts counted once, no worker created one time too many, and no pod left
-    behind."""
-    ns = operator.namespace
+    behind; and every operator (one, or the peered replicas) must be running."""
+    ns = operators[0].namespace
+
+    def tails() -> str:
+        return "\n".join(f"--- {o.log.name} ---\n{o.tail()}" for o in operators)
+
     rng = random.Random(seed)
     jobs = {f"{kind}-{i}": kind for kind, (n, *_) in CHAOS_JOBS.items() for i in range(n)}
     waiting = rng.sample(sorted(jobs), len(jobs))
@@ -1128,7 +1135,7 @@ def chaos(
     with PodLedger(core, ns) as ledger:
         while len(finished) < len(jobs):
             assert time.monotonic() < deadline, (
-                f"not converged: {sorted(set(jobs) - finished)} ({disruptions} disruptions)\n{operator.tail()}"
+                f"not converged: {sorted(set(jobs) - finished)} ({disruptions} disruptions)\n{tails()}"
             )
             if waiting and time.monotonic() >= next_disruption:
                 if created:
@@ -1148,9 +1155,10 @@ def chaos(
         disruptions += 1
         assert disruptions == CHAOS_DISRUPTIONS
         time.sleep(3)  # the operator has listed everything again: nothing more must happen
-    assert operator.proc is not None and operator.proc.poll() is None, (
-        f"the operator exited\n{operator.tail()}"
-    )
+    for operator in operators:
+        assert operator.proc is not None and operator.proc.poll() is None, (
+            f"{operator.log.name} exited\n{tails()}"
+        )
     for name, kind in jobs.items():
         _, phase, restarts, incarnations = CHAOS_JOBS[kind]
         if phase is None:
@@ -1176,7 +1184,113 @@ def test_kill_9_twenty_times_while_jobs_run_fail_restart_suspend_and_go_every_jo
         operator.kill9()
         operator.start()
 
-    chaos(api, core, operator, kill_and_restart)
+    chaos(api, core, [operator], kill_and_restart)
+
+
+#: The peered chaos run's replicas, highest priority first, and their peering timings (seconds).
+PEERED = (("replica-a", 200), ("replica-b", 100))
+PEERED_LIFETIME, PEERED_HANDOVER = 3, 3
+#: kopf's log lines (kopf._core.engines.peering, 1.45) when it resumes or pauses a replica's loops.
+RESUMED = "Resuming operations after the pause"
+PAUSED = ("Pausing operations in favour of", "Pausing all operators, including self")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def acting_intervals(
+    log: Path, kills: Sequence[datetime], until: datetime
+) -> list[tuple[datetime, datetime]]:
+    """When a replica acted, from its log (every process it ran appends to it) and the times it was
+    killed: from the later of kopf resuming its loops and its own line that its handover wait is over
+    (`ACTING_MESSAGE`, once per process), until kopf paused it or it was killed."""
+    timeline = [(when, "killed") for when in kills]
+    for line in log.read_text(errors="replace").splitlines():
+        stamp = LOG_TIME.match(line)
+        if stamp is None:
+            continue
+        when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        if RESUMED in line:
+            timeline.append((when, "resumed"))
+        elif any(paused in line for paused in PAUSED):
+            timeline.append((when, "paused"))
+        elif ACTING_MESSAGE in line:
+            timeline.append((when, "acting"))
+    intervals, resumed, handed_over, since = [], False, False, until
+    for when, what in sorted(timeline):
+        was = resumed and handed_over
+        resumed = what == "resumed" or (resumed and what not in ("paused", "killed"))
+        handed_over = what == "acting" or (handed_over and what != "killed")
+        if resumed and handed_over and not was:
+            since = when
+        elif was and not (resumed and handed_over):
+            intervals.append((since, when))
+    if resumed and handed_over:
+        intervals.append((since, until))
+    return intervals
+
+
+def test_two_peered_replicas_under_the_chaos_killed_at_random_never_act_at_once(
+    cluster: Cluster, namespace: str, claims: None, api: CustomObjectsApi, core: CoreV1Api, tmp_path: Path
+) -> None:
+    """The chaos run with two replicas under the chart's RBAC and peering (priorities 200 and 100). Each
+    disruption kills -9 one of them at random, or starts the one that is down: the standby takes over
+    from a dead active replica, and the active one takes back over when it returns. Beyond what the
+    chaos run checks: from the replicas' logs, the two never acted at the same time, and from the
+    events (reportingInstance), both made changes."""
+    release = f"ft-{namespace[-6:]}"
+    documents = install_chart(cluster, namespace, release)
+    kubeconfig = service_account_kubeconfig(cluster, namespace, release, tmp_path / "sa.kubeconfig")
+    timings = {
+        "FINETUNE_PEERING_LIFETIME_SECONDS": str(PEERED_LIFETIME),
+        "FINETUNE_PEERING_HANDOVER_SECONDS": str(PEERED_HANDOVER),
+    }
+    replicas = {
+        name: Operator(
+            cluster,
+            namespace,
+            tmp_path / f"{name}.log",
+            kubeconfig=kubeconfig,
+            args=("--priority", str(priority)),
+            env={**timings, "POD_NAME": name},
+        )
+        for name, priority in PEERED
+    }
+    rng = random.Random(7)
+    kills: dict[str, list[datetime]] = {name: [] for name in replicas}
+    down: list[str] = []
+
+    def kill_or_start(_: int) -> None:
+        if down:
+            replicas[down.pop()].start()
+            return
+        name = rng.choice(sorted(replicas))
+        kills[name].append(datetime.now())  # local time, as the logs' timestamps
+        replicas[name].kill9()
+        down.append(name)
+        if name == PEERED[0][0]:  # the active one: long enough for the standby to take over and act
+            time.sleep(PEERED_LIFETIME + PEERED_HANDOVER + 1)
+
+    try:
+        for count, operator in enumerate(replicas.values(), start=1):
+            operator.start()
+            wait_for_peers(api, namespace, count)
+        chaos(api, core, list(replicas.values()), kill_or_start, timeout=420)
+        now = datetime.now()
+        acted = {name: acting_intervals(o.log, kills[name], now) for name, o in replicas.items()}
+        turns = sorted((since, name) for name, intervals in acted.items() for since, _ in intervals)
+        print(f"kills: {kills}\nacting, in turn: {[(f'{since:%T}', name) for since, name in turns]}")
+        (a, a_acted), (b, b_acted) = acted.items()
+        at_once = [(x, y) for x in a_acted for y in b_acted if max(x[0], y[0]) < min(x[1], y[1])]
+        assert not at_once, f"{a} and {b} both acted: {at_once}"
+        # The standby took over, and the active replica took back over after it.
+        names = [name for _, name in turns]
+        assert b in names and a in names[names.index(b) :], turns
+        reporters = {e.reporting_instance for e in core.list_namespaced_event(namespace).items}
+        assert set(replicas) <= reporters, reporters
+    finally:
+        for operator in replicas.values():
+            operator.stop()
+            print(f"--- {operator.log.name} ---\n{operator.tail(40)}")
+        delete_cluster_scoped(cluster, documents)
 
 
 def test_the_control_plane_restarts_five_times_under_the_chaos_and_the_operator_recovers_by_itself(
@@ -1194,7 +1308,7 @@ def test_the_control_plane_restarts_five_times_under_the_chaos_and_the_operator_
             assert done.returncode == 0, done.stderr
             restarts.append(time.monotonic() - begun)
 
-    chaos(api, core, operator, restart_control_plane)
+    chaos(api, core, [operator], restart_control_plane)
     assert len(restarts) == 5, restarts
 
 
@@ -1243,7 +1357,7 @@ def test_api_faults_409_429_500_410_and_slow_answers_are_retried_and_every_job_e
             kubeconfig=proxy.kubeconfig(tmp_path / "proxy.kubeconfig"),
         ).start()
         try:
-            chaos(api, core, operator, lambda n: setattr(proxy, "rules", FAULT_SETS[n % len(FAULT_SETS)]))
+            chaos(api, core, [operator], lambda n: setattr(proxy, "rules", FAULT_SETS[n % len(FAULT_SETS)]))
         finally:
             operator.stop()
             print(f"--- operator log ({operator.log}) ---\n{operator.tail(80)}")

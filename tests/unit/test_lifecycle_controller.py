@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import kopf
@@ -15,9 +16,9 @@ from operator_fixtures import NOW, job_doc, pod_doc
 
 from finetune_operator import handlers
 from finetune_operator.adapters.kube import classify
-from finetune_operator.controller import Controller, decide
+from finetune_operator.controller import ACTING_MESSAGE, Controller, decide
 from finetune_operator.metrics import build_metrics
-from finetune_operator.settings import Settings, WebhookSettings, from_env
+from finetune_operator.settings import PeeringSettings, Settings, WebhookSettings, from_env
 
 
 def stored(document: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -132,6 +133,35 @@ def test_wake_reaches_only_loops_this_replica_runs() -> None:
         return waker.is_set()
 
     assert asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("standalone", "waits"), [(False, (0.3, 0.2)), (True, (0.0, 0.0))])
+def test_a_peered_replica_first_acts_a_handover_after_its_first_loop(
+    standalone: bool, waits: tuple[float, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first loop waits `handover_seconds`; one that starts 0.1 s later waits the rest, one after that
+    not at all; standalone, nobody waits. The log says once when the replica began to act."""
+    caplog.set_level(logging.INFO, logger="finetune_operator.controller")
+    settings = Settings(peering=PeeringSettings(standalone=standalone, handover_seconds=0.3))
+    controller = Controller(settings, api=None, metrics=build_metrics())  # type: ignore[arg-type]
+
+    async def waited() -> float:
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        await controller._handover()
+        return loop.time() - begun
+
+    async def loops() -> list[float]:
+        first = asyncio.create_task(waited())
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(waited())
+        return [await first, await second, await waited()]
+
+    first, second, later = asyncio.run(loops())
+    assert (first, second) == (pytest.approx(waits[0], abs=0.05), pytest.approx(waits[1], abs=0.05))
+    assert later < 0.05  # after the handover nobody waits
+    acting = [r for r in caplog.records if r.getMessage().startswith(ACTING_MESSAGE)]
+    assert len(acting) == (0 if standalone else 1)
 
 
 @pytest.mark.parametrize(
