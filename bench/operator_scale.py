@@ -120,6 +120,18 @@ def cluster(*args: str) -> None:
     subprocess.run([sys.executable, str(CLUSTER_SCRIPT), *args], check=True, timeout=1800)
 
 
+def provenance(script: str, argv: list[str] | None) -> dict[str, object]:
+    """The command that made a result and the machine it ran on, as every committed result records them."""
+    return {
+        "command": " ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+    }
+
+
 def kubeflow_module_dir() -> Path:
     out = subprocess.run(
         ["go", "list", "-m", "-f", "{{.Dir}}", "github.com/kubeflow/training-operator"],
@@ -484,14 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
     result = {
         "benchmark": "operator scale: apply N jobs of 2 x 8-GPU workers at once, each operator alone",
-        "command": " ".join(
-            ["python", "bench/operator_scale.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        **provenance("bench/operator_scale.py", argv),
         "nodes": 2 * max(opts.jobs),
         "runs": [asdict(r) for r in runs],
     }

@@ -5,11 +5,10 @@ Run: `make bench-soak` (python bench/operator_soak.py --cycles 1500 --write benc
 One local control plane with fake 8-GPU nodes (the scale benchmark's, bench/operator_scale.py) and our
 operator, freshly started, out of cluster. Each cycle creates a FineTuneJob of 2 x 8-GPU workers, waits
 until the operator has created both pods, deletes the job, and waits until the garbage collector has
-removed the pods; `--parallel` cycles run at once. Every SAMPLE_SECONDS the operator's resident memory (VmRSS) is sampled
-with the number of cycles done. Recorded: the samples, the least-squares slope of RSS against cycles
-after the warm-up, in MiB per 1,000 cycles,
-the RSS at start and after everything is gone, the operator's CPU time, and that nothing is left (no
-job, no pod). A leak that keeps anything per job (a waker, a metric series, a cache entry) shows as a
+removed the pods; `--parallel` cycles run at once. Every SAMPLE_SECONDS the operator's resident memory
+(VmRSS) is sampled with the number of cycles done. Recorded: the samples, the least-squares slope of RSS
+against cycles after the warm-up, in MiB per 1,000 cycles, the RSS at start and after everything is
+gone, the operator's CPU time, and that nothing is left (no job, no pod). A leak that keeps anything per job (a waker, a metric series, a cache entry) shows as a
 slope; a flat one is near 0.
 """
 
@@ -18,8 +17,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -28,14 +25,17 @@ from pathlib import Path
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 
 from finetune_operator.adapters.informer import TOMBSTONE_SECONDS
+from finetune_operator.api.models import GROUP, PLURAL, VERSION
 from operator_scale import (
     CACHE,
+    JOB_LABEL,
     bench_cluster,
     create,
     job_body,
     prepare_namespace,
     proc_cpu_seconds,
     proc_rss_mib,
+    provenance,
     start_operator,
 )
 
@@ -55,13 +55,13 @@ def cycle(core: CoreV1Api, custom: CustomObjectsApi, index: int) -> None:
     body = job_body("ours", NAMESPACE, index)
     name = body["metadata"]["name"]
     create(custom, body)
-    selector = f"finetune.dev/job-name={name}"
+    selector = f"{JOB_LABEL['ours']}={name}"
     deadline = time.monotonic() + CYCLE_TIMEOUT_S
     while len(core.list_namespaced_pod(NAMESPACE, label_selector=selector).items) < 2:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name}: no two workers after {CYCLE_TIMEOUT_S}s")
         time.sleep(0.1)
-    custom.delete_namespaced_custom_object("finetune.dev", "v1alpha1", NAMESPACE, "finetunejobs", name)
+    custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
     while core.list_namespaced_pod(NAMESPACE, label_selector=selector).items:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name}: workers still there {CYCLE_TIMEOUT_S}s after its creation")
@@ -111,7 +111,7 @@ def soak(api_client: ApiClient, cycles: int, parallel: int, logs: Path) -> dict[
         sampler.join()
         deadline = time.monotonic() + 300
         while True:
-            jobs = custom.list_namespaced_custom_object("finetune.dev", "v1alpha1", NAMESPACE, "finetunejobs")
+            jobs = custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)
             pods = core.list_namespaced_pod(NAMESPACE).items
             if not jobs["items"] and not pods:
                 break
@@ -158,14 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         run = soak(api_client, opts.cycles, opts.parallel, logs)
     result = {
         "benchmark": "operator soak: create a 2 x 8-GPU job, wait for its workers, delete it; RSS per cycle",
-        "command": " ".join(
-            ["python", "bench/operator_soak.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        **provenance("bench/operator_soak.py", argv),
         **run,
     }
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("samples")}, indent=2))
