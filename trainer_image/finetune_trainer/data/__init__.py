@@ -2,8 +2,8 @@
 
 `build_datasets(spec, tokenizer)` reads top to bottom: read → encode (one registered function per
 format, see `formats.FORMATS`; a large data set in parallel, see `encode`) → truncate → drop examples
-with nothing left to train → split off the validation set → pack → Arrow data sets plus a collator. Every problem with the data raises
-`DataError` naming the file, record index and field; the trainer exits with its configuration-error code.
+with nothing left to train → split off the validation set → pack → Arrow data sets plus a collator.
+Every problem with the data raises `DataError` naming the file, record index and field; the trainer exits with its configuration-error code.
 
 Packed data keeps whole examples per block with position ids that restart per example, so attention
 stays within each example: the blocks are a batch's rows (`PackedRowsCollator`), or with
@@ -11,24 +11,29 @@ flash_attention_2 one flattened row (`FlatteningCollator`), as unpacked language
 too (`dataset.paddingFree`). Otherwise unpacked data is padded per batch.
 
 With `cache_root` (the job's output directory) the result is cached there and loaded instead of built
-whenever the data, tokenizer and settings are the same (see `cache`).
+whenever the data, tokenizer and settings are the same (see `cache`). Local data larger than
+`OUT_OF_CORE_FROM` is built out of core, through Arrow files on disk (see `ondisk`), into the same data set.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from finetune_trainer.data import cache
 from finetune_trainer.data.bundle import TOKENS, DataBundle
 from finetune_trainer.data.cache import Collator
 from finetune_trainer.data.collate import FlatteningCollator, PackedRowsCollator, PaddingCollator
-from finetune_trainer.data.encode import Encoder, encode_all
+from finetune_trainer.data.encode import EncodedList, Encoder, encode_all, processes
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import (
     FORMATS,
@@ -39,11 +44,14 @@ from finetune_trainer.data.formats import (
     build_label_index,
     label_key,
 )
-from finetune_trainer.data.packing import pack, position_ids, split_indices
+from finetune_trainer.data.ondisk import EncodedTable, encode_stream, write_dataset
+from finetune_trainer.data.packing import Indices, pack, position_ids, split_indices
 from finetune_trainer.data.sources import (
     HUB_SCHEME,
     PVC_SCHEME,
     Records,
+    RecordStream,
+    data_bytes,
     read_hub,
     read_local,
     resolve_local_path,
@@ -65,6 +73,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Local data this large (on disk) or larger is built out of core (see `ondisk`): in memory, records and
+#: token lists as Python objects take 10 to 40 times the bytes of the file.
+OUT_OF_CORE_FROM = 64 * 2**20
+
 
 def build_datasets(
     spec: DatasetSpec,
@@ -76,6 +88,7 @@ def build_datasets(
     can_share_rows: bool = True,
     varlen_attention: bool = False,
     num_proc: int | None = None,
+    out_of_core: bool | None = None,
 ) -> DataBundle:
     """Build the training (and validation) data for `spec`, or load it from the cache under `cache_root`.
 
@@ -85,7 +98,9 @@ def build_datasets(
     prompt tuning: the method table's `packing` trait); their batches are padded. `varlen_attention`: the
     attention kernel takes sequence boundaries from one flattened row's position ids (flash_attention_2),
     so batches are flattened (see `collate`). `num_proc`: processes that encode (None: `encode.encode_all`
-    decides by the data's size).
+    decides by the data's size). `out_of_core`: build through Arrow files on disk rather than in memory
+    (see `ondisk`; None: local data of `OUT_OF_CORE_FROM` bytes or more is); the files go under `cache_root`
+    when there is one, else under the temporary directory.
     """
     path = _local_path(spec, local_path)
     fmt = FORMATS[spec.format]
@@ -93,15 +108,22 @@ def build_datasets(
         raise DataError("dataset.packing: packing is only for the language-modelling formats")
     flatten = varlen_attention and fmt.task == "causal-lm" and can_share_rows
     collator = _collator(spec, tokenizer, flatten=flatten)
+    if out_of_core is None:
+        out_of_core = path is not None and data_bytes(path) >= OUT_OF_CORE_FROM
+    scratch = _scratch(cache_root) if out_of_core and path is not None else None
+
+    def build() -> DataBundle:
+        return _build(spec, tokenizer, fmt, collator, seed, path, num_proc, scratch)
+
     key = cache.cache_key(spec, tokenizer, seed, path) if cache_root is not None else None
     if cache_root is not None and key is not None:
-        bundle = cache.load_or_build(
-            cache_root, key, collator, lambda: _build(spec, tokenizer, fmt, collator, seed, path, num_proc)
-        )
+        bundle = cache.load_or_build(cache_root, key, collator, build)
     else:
         if cache_root is not None:
             log.info("data: not cached (only local data read with a fast tokenizer is)")
-        bundle = _build(spec, tokenizer, fmt, collator, seed, path, num_proc)
+        bundle = build()
+    if scratch is not None and not _maps(bundle, scratch):
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("data: %d train and %d eval examples from %s", *_sizes(bundle), spec.uri)
     return bundle
 
@@ -114,39 +136,91 @@ def _build(
     seed: int,
     path: str | None,
     num_proc: int | None,
+    scratch: Path | None,
 ) -> DataBundle:
-    records = read_local(path) if path is not None else read_hub(spec.uri, spec.split)
+    """With `scratch`, through Arrow files there (see `ondisk`); else in memory. Both give the same data."""
+    records: Records | RecordStream
+    if scratch is not None and path is not None:
+        records = RecordStream(path)
+    else:
+        records = read_local(path) if path is not None else read_hub(spec.uri, spec.split)
     context, label_names = _context(spec, tokenizer, records, fmt)
 
     encoder = Encoder(fmt, context, chunk_text=spec.packing and not fmt.masks_prompt)
-    examples, dropped = encode_all(records, encoder, num_proc)
-    if dropped:
+    encoded: EncodedList | EncodedTable
+    if isinstance(records, RecordStream):
+        assert scratch is not None
+        encoded = encode_stream(records, encoder, num_proc or processes(), scratch)
+    else:
+        encoded = encode_all(records, encoder, num_proc)
+    if encoded.dropped:
         log.warning(
             "dropped %d of %d examples: nothing left to train after truncation to %d tokens",
-            dropped,
-            len(records),
+            encoded.dropped,
+            encoded.records,
             spec.max_seq_length,
         )
-    if not examples:
-        raise DataError(f"dataset {spec.uri}: no usable examples ({len(records)} records, {dropped} dropped)")
+    if not len(encoded):
+        raise DataError(
+            f"dataset {spec.uri}: no usable examples ({encoded.records} records, {encoded.dropped} dropped)"
+        )
 
     try:
-        train_index, eval_index = split_indices(len(examples), spec.validation_split, seed)
+        train_index, eval_index = split_indices(len(encoded), spec.validation_split, seed)
     except ValueError as err:
         raise DataError(f"dataset {spec.uri}: {err}") from err
-    train = [examples[i] for i in train_index]
-    held_out = [examples[i] for i in eval_index]
-    if spec.packing:
-        train = pack(train, spec.max_seq_length)
-        held_out = pack(held_out, spec.max_seq_length)
-    return DataBundle(
-        train=_to_dataset(train, packed=spec.packing),
-        eval=_to_dataset(held_out, packed=spec.packing) if held_out else None,
+    classification = fmt.task == "classification"
+
+    def dataset(indices: Indices, name: str) -> datasets.Dataset:
+        batches = (
+            _columns(
+                pack(w, spec.max_seq_length) if spec.packing else w,
+                packed=spec.packing,
+                classification=classification,
+            )
+            for w in encoded.windows(indices)
+        )
+        features = _features(packed=spec.packing, classification=classification)
+        if scratch is None:
+            return datasets.Dataset.from_dict(_concatenated(batches, features), features=features)
+        return write_dataset(batches, features, scratch / f"{name}.arrow")
+
+    train = dataset(train_index, "train")
+    bundle = DataBundle(
+        train=train,
+        eval=dataset(eval_index, "eval") if len(eval_index) else None,
         collator=collator,
-        num_tokens=sum(len(e.input_ids) for e in train),
+        num_tokens=pc.sum(pc.list_value_length(train.data.column("input_ids"))).as_py() or 0,
         label_names=label_names,
-        dropped=dropped,
+        dropped=encoded.dropped,
     )
+    if isinstance(encoded, EncodedTable):
+        _remove_intermediates(scratch)
+    return bundle
+
+
+def _scratch(cache_root: str | Path | None) -> Path:
+    """A new directory for an out-of-core build: on the output volume (beside the cache, dot-named so
+    that `cache` removes it once its writer has long gone), else under the temporary directory."""
+    if cache_root is None:
+        return Path(tempfile.mkdtemp(prefix="finetune-data-"))
+    scratch = Path(cache_root) / cache.CACHE_DIR / f".build-{uuid.uuid4().hex}"
+    scratch.mkdir(parents=True)
+    return scratch
+
+
+def _maps(bundle: DataBundle, scratch: Path) -> bool:
+    """Whether `bundle` reads files under `scratch` (it was built there and not cached elsewhere)."""
+    parts = [bundle.train] + ([bundle.eval] if bundle.eval is not None else [])
+    return any(Path(f["filename"]).is_relative_to(scratch) for part in parts for f in part.cache_files)
+
+
+def _remove_intermediates(scratch: Path | None) -> None:
+    """The records and encoded files, once the train and eval files are written from them."""
+    if scratch is not None:
+        for name in ("records", "encoded"):
+            for file in scratch.glob(f"{name}*.arrow"):
+                file.unlink()
 
 
 def _sizes(bundle: DataBundle) -> tuple[int, int]:
@@ -176,7 +250,7 @@ def _local_path(spec: DatasetSpec, local_path: str | None) -> str | None:
 
 
 def _context(
-    spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, records: Records, fmt: Format
+    spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, records: Records | RecordStream, fmt: Format
 ) -> tuple[EncodeContext, tuple[str, ...]]:
     if fmt.task != "classification":
         return EncodeContext(tokenizer=tokenizer, max_seq_length=spec.max_seq_length), ()
@@ -202,15 +276,30 @@ def _context(
     return context, names
 
 
-def _to_dataset(examples: Sequence[Example], *, packed: bool) -> datasets.Dataset:
-    """The examples as columns; the collators make attention masks, so none is stored."""
-    classification = bool(examples) and examples[0].labels is None
+def _columns(examples: Sequence[Example], *, packed: bool, classification: bool) -> dict[str, list[Any]]:
+    """The examples as columns (position ids for packed blocks); the collators make attention masks, so
+    none is stored."""
     columns: dict[str, list[Any]] = {
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.label if classification else e.labels for e in examples],
     }
-    features = {"input_ids": TOKENS, "labels": datasets.Value("int64") if classification else TOKENS}
     if packed:
         columns["position_ids"] = [position_ids(e.segments) for e in examples]
+    return columns
+
+
+def _features(*, packed: bool, classification: bool) -> datasets.Features:
+    features = {"input_ids": TOKENS, "labels": datasets.Value("int64") if classification else TOKENS}
+    if packed:
         features["position_ids"] = TOKENS
-    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    return datasets.Features(features)
+
+
+def _concatenated(
+    batches: Iterable[dict[str, list[Any]]], features: datasets.Features
+) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {name: [] for name in features}
+    for batch in batches:
+        for name in features:
+            columns[name].extend(batch[name])
+    return columns

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 
 from finetune_trainer.data.bundle import TOKENS
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import EncodeContext, Example, FieldError, Format
-from finetune_trainer.data.packing import chunk, has_trained_token, truncate
+from finetune_trainer.data.packing import Indices, chunk, has_trained_token, truncate, windows
 from finetune_trainer.data.sources import Records
 
 #: Below this many records, starting worker processes costs more than it saves.
@@ -93,14 +95,34 @@ def processes() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_PROCESSES))
 
 
-def encode_all(records: Records, encoder: Encoder, num_proc: int | None = None) -> tuple[list[Example], int]:
-    """Every record's examples in order, and how many records were dropped. `num_proc` None: parallel for
-    `PARALLEL_FROM` records or more, on `processes()`; 1: in this process."""
+@dataclass(frozen=True)
+class EncodedList:
+    """Encoded examples in memory (`ondisk.EncodedTable` holds them in an Arrow file)."""
+
+    examples: list[Example]
+    #: Records that left no example.
+    dropped: int
+    records: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def windows(self, indices: Indices) -> Iterator[list[Example]]:
+        """The examples at `indices`, in order, a `PACK_WINDOW` at a time."""
+        for window in windows(indices):
+            yield [self.examples[index] for index in window]
+
+
+def encode_all(records: Records, encoder: Encoder, num_proc: int | None = None) -> EncodedList:
+    """Every record's examples in order. `num_proc` None: parallel for `PARALLEL_FROM` records or more, on
+    `processes()`; 1: in this process."""
     if num_proc is None:
         num_proc = processes() if len(records) >= PARALLEL_FROM else 1
     if num_proc <= 1:
-        return _sequential(records, encoder)
-    return _parallel(records, encoder, num_proc)
+        examples, dropped = _sequential(records, encoder)
+    else:
+        examples, dropped = _parallel(records, encoder, num_proc)
+    return EncodedList(examples=examples, dropped=dropped, records=len(records))
 
 
 def _sequential(records: Records, encoder: Encoder) -> tuple[list[Example], int]:
@@ -118,6 +140,22 @@ def _sequential(records: Records, encoder: Encoder) -> tuple[list[Example], int]
 
 def _parallel(records: Records, encoder: Encoder, num_proc: int) -> tuple[list[Example], int]:
     table = datasets.Dataset.from_dict({"record": [json.dumps(r, default=str) for r in records]})
+    encoded = encode_table(table, encoder, num_proc, records.where)
+    return list(_examples(encoded)), sum(1 for kept in encoded["kept"] if not kept)
+
+
+def encode_table(
+    table: datasets.Dataset,
+    encoder: Encoder,
+    num_proc: int,
+    where: Callable[[int], str],
+    cache_file: Path | None = None,
+) -> datasets.Dataset:
+    """Encode a `record` column of JSON strings on `num_proc` processes into `FEATURES` rows: in memory, or
+    with `cache_file` into Arrow files there (for data larger than memory). Raises `DataError` for the
+    first record that cannot be encoded, naming it with `where`."""
+    if not len(table):  # `map` would leave no columns at all
+        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # a bar per process is noise in a pod's log
     try:
@@ -126,19 +164,21 @@ def _parallel(records: Records, encoder: Encoder, num_proc: int) -> tuple[list[E
             batched=True,
             batch_size=BATCH,
             with_indices=True,
-            num_proc=min(num_proc, -(-len(records) // BATCH)),
+            num_proc=max(1, min(num_proc, -(-len(table) // BATCH))),
             remove_columns=["record"],
             features=FEATURES,
-            keep_in_memory=True,
+            keep_in_memory=cache_file is None,
+            cache_file_name=str(cache_file) if cache_file is not None else None,
         )
     finally:
         if not quiet:
             datasets.enable_progress_bars()
-    failed = encoded.filter(lambda error: bool(error), input_columns="error", keep_in_memory=True)
+    errors = encoded.data.column("error")
+    failed = pc.indices_nonzero(pc.not_equal(errors, ""))
     if len(failed):
-        index, _, message = failed[0]["error"].partition("\t")
-        raise DataError(f"{records.where(int(index))}: {message}")
-    return list(_examples(encoded)), sum(1 for kept in encoded["kept"] if not kept)
+        index, _, message = errors[failed[0].as_py()].as_py().partition("\t")
+        raise DataError(f"{where(int(index))}: {message}")
+    return encoded
 
 
 def _examples(encoded: datasets.Dataset) -> Iterator[Example]:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import bisect
-import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
+import numpy as np
+import numpy.typing as npt
+
 from finetune_trainer.data.formats import IGNORE_INDEX, Example
+
+#: Examples packed together at most: packing a window at a time bounds its memory (data larger than
+#: memory is packed a window at a time, see `ondisk`), and a window this size already fills blocks.
+PACK_WINDOW = 65_536
+
+Indices = npt.NDArray[np.int64]
 
 
 def truncate(example: Example, max_length: int) -> Example:
@@ -40,7 +48,8 @@ def has_trained_token(example: Example) -> bool:
 
 
 def pack(examples: Sequence[Example], block_size: int) -> list[Example]:
-    """Put whole examples into blocks of at most `block_size` tokens (best-fit decreasing).
+    """Put whole examples into blocks of at most `block_size` tokens (best-fit decreasing, a
+    `PACK_WINDOW` of examples at a time).
 
     No example is split across blocks (each must already fit: truncated, or `chunk`ed for plain text), so
     a response never starts a block whose prompt is in the previous one. A block remembers the lengths of
@@ -53,6 +62,14 @@ def pack(examples: Sequence[Example], block_size: int) -> list[Example]:
     Longest first, each into the fullest block it fits (ties to the oldest block), gives blocks that are
     almost all full; the result depends only on the examples, so every worker packs alike.
     """
+    return [
+        block
+        for start in range(0, len(examples), PACK_WINDOW)
+        for block in _pack_window(examples[start : start + PACK_WINDOW], block_size)
+    ]
+
+
+def _pack_window(examples: Sequence[Example], block_size: int) -> list[Example]:
     order = sorted(range(len(examples)), key=lambda index: (-len(examples[index].input_ids), index))
     blocks: list[list[Example]] = []
     free: list[tuple[int, int]] = []  # (tokens left, block index), sorted: the best fit is a bisect away
@@ -86,22 +103,28 @@ def _join(examples: Sequence[Example]) -> Example:
     )
 
 
+def windows(indices: Indices) -> Iterator[Indices]:
+    """`indices` a `PACK_WINDOW` at a time: how both pipelines hand examples to `pack`, so they agree."""
+    for start in range(0, len(indices), PACK_WINDOW):
+        yield indices[start : start + PACK_WINDOW]
+
+
 def position_ids(segments: Sequence[int]) -> list[int]:
     """0, 1, … restarting at each example of a packed block: how the model tells the examples apart."""
     return [position for length in segments for position in range(length)]
 
 
-def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_indices(count: int, fraction: float, seed: int) -> tuple[Indices, Indices]:
     """Deterministic train/eval split of `count` examples: round(count * fraction) (at least 1) held out.
 
-    The same (count, fraction, seed) always gives the same split, on every worker. Both lists are sorted,
-    disjoint and together cover range(count). Raises ValueError when no training example would remain.
+    The same (count, fraction, seed) always gives the same split, on every worker. Both arrays are
+    sorted, disjoint and together cover range(count); 8 bytes an example, so the split of data larger than
+    memory fits in it. Raises ValueError when no training example would remain.
     """
     if fraction <= 0:
-        return list(range(count)), []
+        return np.arange(count, dtype=np.int64), np.empty(0, dtype=np.int64)
     held_out = max(1, round(count * fraction))
     if held_out >= count:
         raise ValueError(f"validationSplit {fraction} of {count} examples leaves nothing to train on")
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    return sorted(order[held_out:]), sorted(order[:held_out])
+    order = np.random.default_rng(seed).permutation(count).astype(np.int64)
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
