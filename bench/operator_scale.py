@@ -20,7 +20,8 @@ Kubeflow runs "tuned" (client QPS/burst raised from 20/30 to 1000/1000, as its d
 to tens of seconds at 200 jobs) with PyTorchJobs of one Master and one Worker of 8 GPUs each; ours
 runs FineTuneJobs of a LoRA on a 7B model with `gpus: 16`, which plans 2 workers of 8.
 
-BENCH_PROFILE=PATH runs ours under cProfile (its event-loop thread) and writes the profile to PATH.
+BENCH_PROFILE=PATH runs ours under bench/profile_threads.py (cProfile in every thread, on each thread's CPU
+clock) and writes the merged profile to PATH.
 """
 
 from __future__ import annotations
@@ -334,7 +335,9 @@ def mount_kubeflow_certs(core: CoreV1Api) -> bool:
 def start_operator(operator: str, log: Path, core: CoreV1Api) -> subprocess.Popen[bytes]:
     if operator == "ours":
         profile = (
-            ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if "BENCH_PROFILE" in os.environ else []
+            [str(REPO / "bench" / "profile_threads.py"), os.environ["BENCH_PROFILE"]]
+            if "BENCH_PROFILE" in os.environ
+            else []
         )
         command = [
             sys.executable, *profile, "-m", "finetune_operator", "--kubeconfig", str(KUBECONFIG), "--standalone",
