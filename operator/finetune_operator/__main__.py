@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     metrics = build_metrics(retention_seconds=settings.metrics.finished_retention_seconds)
     # The writer threads and the two informers' watches each hold a connection.
-    api_client = connect(args.kubeconfig, pool_size=settings.timing.api_threads + 4)
+    api_client = connect(args.kubeconfig, pool_size=settings.timing.api_threads + 4, json_bodies=True)
     found = preflight.problems(api_client, settings)
     for problem in found:
         logging.getLogger("finetune_operator").error("cannot act: %s", problem)

@@ -89,6 +89,14 @@ def _document(response: Any) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(response.data))
 
 
+def _discard(response: Any) -> None:
+    """A `_preload_content=False` response whose body is not needed (no client models built from it): read
+    to its end and its connection returned to the pool. Left unread, the connection is not reused, and
+    every later request opens and handshakes a new one."""
+    response.drain_conn()
+    response.release_conn()
+
+
 class JobApi:
     """Reads and writes for FineTuneJobs and the objects they own."""
 
@@ -185,7 +193,7 @@ class JobApi:
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         what = f"create {kind.lower()} {namespace}/{name}"
-        creators: dict[str, Callable[[str, Any], object]] = {
+        creators: dict[str, Callable[..., object]] = {
             "ConfigMap": self.core.create_namespaced_config_map,
             "Service": self.core.create_namespaced_service,
             "ServiceAccount": self.core.create_namespaced_service_account,
@@ -195,7 +203,7 @@ class JobApi:
         try:
             if kind not in creators:
                 raise ValueError(f"ensure does not handle {kind}")
-            creators[kind](namespace, cast(Any, obj))
+            _discard(creators[kind](namespace, cast(Any, obj), _preload_content=False))
         except ApiException as exc:
             if exc.status == 404 and kind == coscheduling.KIND:
                 raise kopf.PermanentError(
@@ -212,9 +220,9 @@ class JobApi:
         except Exception as exc:
             raise classify(exc, what) from exc
 
-    def _create_pod_group(self, namespace: str, body: Mapping[str, Any]) -> object:
+    def _create_pod_group(self, namespace: str, body: Mapping[str, Any], **options: Any) -> object:
         return self.custom.create_namespaced_custom_object(
-            coscheduling.GROUP, coscheduling.VERSION, namespace, coscheduling.PLURAL, dict(body)
+            coscheduling.GROUP, coscheduling.VERSION, namespace, coscheduling.PLURAL, dict(body), **options
         )
 
     def _update_configmap(self, obj: Mapping[str, Any]) -> None:
