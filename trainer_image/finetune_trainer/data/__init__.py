@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,10 +111,10 @@ def build_datasets(
     collator = _collator(spec, tokenizer, flatten=flatten)
     if out_of_core is None:
         out_of_core = path is not None and data_bytes(path) >= OUT_OF_CORE_FROM
-    scratch = _scratch(cache_root) if out_of_core and path is not None else None
+    on_disk = OnDisk(RecordStream(path), _scratch(cache_root)) if out_of_core and path is not None else None
 
     def build() -> DataBundle:
-        return _build(spec, tokenizer, fmt, collator, seed, path, num_proc, scratch)
+        return _build(spec, tokenizer, fmt, collator, seed, path, num_proc, on_disk)
 
     key = cache.cache_key(spec, tokenizer, seed, path) if cache_root is not None else None
     if cache_root is not None and key is not None:
@@ -122,8 +123,8 @@ def build_datasets(
         if cache_root is not None:
             log.info("data: not cached (only local data read with a fast tokenizer is)")
         bundle = build()
-    if scratch is not None and not _maps(bundle, scratch):
-        shutil.rmtree(scratch, ignore_errors=True)
+    if on_disk is not None and not _maps(bundle, on_disk.scratch):
+        shutil.rmtree(on_disk.scratch, ignore_errors=True)
     log.info("data: %d train and %d eval examples from %s", *_sizes(bundle), spec.uri)
     return bundle
 
@@ -136,23 +137,20 @@ def _build(
     seed: int,
     path: str | None,
     num_proc: int | None,
-    scratch: Path | None,
+    on_disk: OnDisk | None,
 ) -> DataBundle:
-    """With `scratch`, through Arrow files there (see `ondisk`); else in memory. Both give the same data."""
-    records: Records | RecordStream
-    if scratch is not None and path is not None:
-        records = RecordStream(path)
+    """With `on_disk`, through Arrow files in its scratch directory (see `ondisk`); else in memory. Both
+    give the same data."""
+    encoded: EncodedList | EncodedTable
+    if on_disk is not None:
+        context, label_names = _context(spec, tokenizer, on_disk.stream, fmt)
+        encoded = encode_stream(
+            on_disk.stream, _encoder(spec, fmt, context), num_proc or processes(), on_disk.scratch
+        )
     else:
         records = read_local(path) if path is not None else read_hub(spec.uri, spec.split)
-    context, label_names = _context(spec, tokenizer, records, fmt)
-
-    encoder = Encoder(fmt, context, chunk_text=spec.packing and not fmt.masks_prompt)
-    encoded: EncodedList | EncodedTable
-    if isinstance(records, RecordStream):
-        assert scratch is not None
-        encoded = encode_stream(records, encoder, num_proc or processes(), scratch)
-    else:
-        encoded = encode_all(records, encoder, num_proc)
+        context, label_names = _context(spec, tokenizer, records, fmt)
+        encoded = encode_all(records, _encoder(spec, fmt, context), num_proc)
     if encoded.dropped:
         log.warning(
             "dropped %d of %d examples: nothing left to train after truncation to %d tokens",
@@ -181,9 +179,9 @@ def _build(
             for w in encoded.windows(indices)
         )
         features = _features(packed=spec.packing, classification=classification)
-        if scratch is None:
+        if on_disk is None:
             return datasets.Dataset.from_dict(_concatenated(batches, features), features=features)
-        return write_dataset(batches, features, scratch / f"{name}.arrow")
+        return write_dataset(batches, features, on_disk.scratch / f"{name}.arrow")
 
     train = dataset(train_index, "train")
     bundle = DataBundle(
@@ -194,9 +192,21 @@ def _build(
         label_names=label_names,
         dropped=encoded.dropped,
     )
-    if isinstance(encoded, EncodedTable):
-        _remove_intermediates(scratch)
+    if on_disk is not None:
+        _remove_intermediates(on_disk.scratch)
     return bundle
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """An out-of-core build: the local data streamed, and the directory its Arrow files are written in."""
+
+    stream: RecordStream
+    scratch: Path
+
+
+def _encoder(spec: DatasetSpec, fmt: Format, context: EncodeContext) -> Encoder:
+    return Encoder(fmt, context, chunk_text=spec.packing and not fmt.masks_prompt)
 
 
 def _scratch(cache_root: str | Path | None) -> Path:
@@ -215,12 +225,11 @@ def _maps(bundle: DataBundle, scratch: Path) -> bool:
     return any(Path(f["filename"]).is_relative_to(scratch) for part in parts for f in part.cache_files)
 
 
-def _remove_intermediates(scratch: Path | None) -> None:
+def _remove_intermediates(scratch: Path) -> None:
     """The records and encoded files, once the train and eval files are written from them."""
-    if scratch is not None:
-        for name in ("records", "encoded"):
-            for file in scratch.glob(f"{name}*.arrow"):
-                file.unlink()
+    for name in ("records", "encoded"):
+        for file in scratch.glob(f"{name}*.arrow"):
+            file.unlink()
 
 
 def _sizes(bundle: DataBundle) -> tuple[int, int]:

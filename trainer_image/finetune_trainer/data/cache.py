@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune_trainer.data.bundle import DataBundle
+from finetune_trainer.data.sources import data_files
 
 if TYPE_CHECKING:
     from finetune_operator.api.models import DatasetSpec
@@ -170,8 +171,7 @@ def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 def _data_digest(path: Path) -> str:
     """Every file's name and bytes: a file, or a directory's files in name order."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    for file in data_files(path):
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
         with file.open("rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())

@@ -138,8 +138,13 @@ def _sequential(records: Records, encoder: Encoder) -> tuple[list[Example], int]
     return examples, dropped
 
 
+def record_json(record: Any) -> str:
+    """A record as the `record` column of `encode_table` holds it (see the module's docstring)."""
+    return json.dumps(record, default=str)
+
+
 def _parallel(records: Records, encoder: Encoder, num_proc: int) -> tuple[list[Example], int]:
-    table = datasets.Dataset.from_dict({"record": [json.dumps(r, default=str) for r in records]})
+    table = datasets.Dataset.from_dict({"record": [record_json(r) for r in records]})
     encoded = encode_table(table, encoder, num_proc, records.where)
     return list(_examples(encoded)), sum(1 for kept in encoded["kept"] if not kept)
 

@@ -9,7 +9,6 @@ job's output volume when there is one: a container's own disk is small).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from finetune_trainer.data.encode import Encoder, encode_table
+from finetune_trainer.data.encode import Encoder, encode_table, record_json
 from finetune_trainer.data.formats import Example
 from finetune_trainer.data.packing import Indices, windows
 from finetune_trainer.data.sources import RecordStream
@@ -84,7 +83,7 @@ def _json_batches(records: Iterable[Any]) -> Iterator[list[str]]:
     """Records as JSON strings (see `encode`: no schema inferred across them), `READ_BATCH` at a time."""
     batch: list[str] = []
     for record in records:
-        batch.append(json.dumps(record, default=str))
+        batch.append(record_json(record))
         if len(batch) == READ_BATCH:
             yield batch
             batch = []

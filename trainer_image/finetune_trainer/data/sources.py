@@ -195,12 +195,16 @@ class RecordStream:
         return _where(self.origins, index)
 
 
-def data_bytes(path: str | Path) -> int:
-    """The size of the data on disk: a file, or every file under a directory."""
+def data_files(path: str | Path) -> list[Path]:
+    """The files a data path holds: the file itself, or every file under a directory in name order (the
+    order the cache key hashes them in)."""
     root = Path(path)
-    if root.is_file():
-        return root.stat().st_size
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+
+
+def data_bytes(path: str | Path) -> int:
+    """The size of the data on disk."""
+    return sum(f.stat().st_size for f in data_files(path))
 
 
 def read_hub(uri: str, split: str) -> Records:
