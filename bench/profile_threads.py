@@ -57,11 +57,11 @@ def _sample() -> None:
         _kernel_cpu[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def thread_table(profilers: list[tuple[str, int, cProfile.Profile]]) -> str:
+def thread_table(threads: list[tuple[str, int, _Snapshot]]) -> str:
     """Per thread: its name, the CPU its profile adds up to, and the kernel's count where it still runs."""
     lines = [f"{'thread':<40} {'profiled s':>10} {'kernel s':>9}"]
-    for name, native_id, profiler in profilers:
-        total = sum(stat[2] for stat in _Snapshot(profiler).stats.values())
+    for name, native_id, snapshot in threads:
+        total = sum(stat[2] for stat in snapshot.stats.values())
         kernel = _kernel_cpu.get(native_id)
         lines.append(f"{name:<40} {total:>10.2f} {'-' if kernel is None else f'{kernel:.2f}':>9}")
     return "\n".join(lines) + "\n"
@@ -76,23 +76,31 @@ def _start_in_thread(*_: Any) -> None:
 class _Snapshot:
     """A profiler's statistics as `pstats.Stats` takes them. Handing it the profiler itself would call its
     `create_stats`, whose `disable` closes every call still open (a watch blocked in `read`) with the
-    clock of the thread that asks: another thread's CPU time, billed as that call's."""
+    clock of the thread that asks: another thread's CPU time, billed as that call's. `pstats.Stats` also
+    empties what it is handed, so it is handed a `copy`."""
 
-    def __init__(self, profiler: cProfile.Profile) -> None:
+    def __init__(self, stats: dict[Any, Any]) -> None:
+        self.stats = stats
+
+    @classmethod
+    def of(cls, profiler: cProfile.Profile) -> _Snapshot:
         profiler.snapshot_stats()
-        self.stats = dict(profiler.stats)  # type: ignore[attr-defined]
+        return cls(dict(profiler.stats))  # type: ignore[attr-defined]
+
+    def copy(self) -> _Snapshot:
+        return _Snapshot(dict(self.stats))
 
     def create_stats(self) -> None:
         """Already made."""
 
 
-def merged(profilers: list[tuple[str, int, cProfile.Profile]]) -> pstats.Stats:
-    """All threads' statistics as one; a thread still running is read as it stands (its calls in flight
-    are not counted yet)."""
-    snapshots = [s for s in (_Snapshot(profiler) for _, _, profiler in profilers) if s.stats]
-    stats = pstats.Stats(snapshots[0])
+def merged(snapshots: list[_Snapshot]) -> pstats.Stats:
+    """Threads' statistics as one; a thread still running is read as it stands (its calls in flight are
+    not counted yet)."""
+    snapshots = [s for s in snapshots if s.stats]
+    stats = pstats.Stats(snapshots[0].copy())
     for snapshot in snapshots[1:]:  # pstats refuses a thread with no call finished yet
-        stats.add(snapshot)
+        stats.add(snapshot.copy())
     return stats
 
 
@@ -148,10 +156,11 @@ def main(argv: list[str]) -> int:
         stop_sampling.set()
         sampler.join()
         with _lock:
-            profilers = list(_profilers)
-        Path(f"{out}.threads.txt").write_text(thread_table(profilers))
-        merged(profilers).dump_stats(out)
-        merged(profilers[:1]).dump_stats(f"{out}.main")
+            threads = [(name, native_id, _Snapshot.of(profiler)) for name, native_id, profiler in _profilers]
+        Path(f"{out}.threads.txt").write_text(thread_table(threads))
+        snapshots = [snapshot for _, _, snapshot in threads]
+        merged(snapshots).dump_stats(out)
+        merged(snapshots[:1]).dump_stats(f"{out}.main")
     return code
 
 
