@@ -268,6 +268,9 @@ def up(
     except (ClusterError, realnode.NodeError, subprocess.TimeoutExpired) as err:
         down(name, kubeconfig)  # never a half-made cluster left running
         raise ClusterError(f"cluster {name} did not come up: {err}") from err
+    except BaseException:  # a bug here, or ^C: still no half-made cluster
+        down(name, kubeconfig)
+        raise
     log(f"cluster {name} ready in {time.monotonic() - start:.1f}s with {len(nodes)} nodes")
     print(f"export KUBECONFIG={kubeconfig}")
 
@@ -291,7 +294,7 @@ def populate(
     if crds:
         log(f"installing {len(crds)} CRD file(s) from {crds_dir}")
         kubectl(kubeconfig, "apply", "--server-side", *[a for c in crds for a in ("-f", str(c))])
-        kubectl(kubeconfig, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        wait_established(kubeconfig)
     if net is not None:
         try:
             names = realnode.start(
@@ -321,6 +324,28 @@ def populate(
             time.sleep(0.5)
 
 
+def wait_established(kubeconfig: Path, timeout: float = 60) -> None:
+    """Until every CRD is Established. (`kubectl wait --for=condition=Established` fails at once on a CRD
+    the API server has not given a status yet, a race a busy control plane loses.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        crds = json.loads(kubectl(kubeconfig, "get", "crd", "-o", "json"))["items"]
+        waiting = [c["metadata"]["name"] for c in crds if not has_condition(c, "Established")]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"CRDs not established after {timeout:.0f}s: {', '.join(waiting)}")
+        time.sleep(0.5)
+
+
+def has_condition(obj: dict[str, Any], kind: str) -> bool:
+    """Whether `obj` has condition `kind` with status True."""
+    return any(
+        c.get("type") == kind and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or []  # null until the server first sets it
+    )
+
+
 #: Taints the node lifecycle controller keeps on a node until it has seen it Ready: the scheduler places
 #: nothing there yet, so "Ready" alone is not "ready for pods".
 NOT_YET_SCHEDULABLE = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
@@ -328,7 +353,7 @@ NOT_YET_SCHEDULABLE = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unrea
 
 def wait_schedulable(kubeconfig: Path, count: int) -> None:
     """Until `count` nodes are Ready and none carries a not-ready or unreachable taint; the time allowed
-    grows with the node count (the controller untaints a few hundred nodes a second here)."""
+    grows with the node count (the node controller untaints a node with two requests; see kwokctl.yaml)."""
     timeout = 120 + count / 10
     deadline = time.monotonic() + timeout
     while True:
@@ -345,9 +370,8 @@ def wait_schedulable(kubeconfig: Path, count: int) -> None:
 
 
 def schedulable(node: dict[str, Any]) -> bool:
-    ready = [c for c in node.get("status", {}).get("conditions", []) if c.get("type") == "Ready"]
     taints = {t.get("key") for t in node.get("spec", {}).get("taints", [])}
-    return bool(ready) and ready[0].get("status") == "True" and not taints & set(NOT_YET_SCHEDULABLE)
+    return has_condition(node, "Ready") and not taints & set(NOT_YET_SCHEDULABLE)
 
 
 def down(name: str, kubeconfig: Path) -> None:
