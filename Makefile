@@ -42,9 +42,9 @@ crds-apply: tools ## apply crds/ to the cluster of $KUBECONFIG (Helm never upgra
 bench: setup ## run the benchmarks and write bench/results/
 	$(PY) bench/estimator.py --write bench/results/estimator.json --markdown bench/results/estimator-calibration.md
 
-bench-operator: setup tools ## ours vs the Kubeflow Training Operator (built from its Go module) at N=50, 200 jobs (~10 min)
+bench-operator: setup tools ## ours vs the Kubeflow Training Operator (built from its Go module) at N=50, 200, 1000 jobs (~20 min)
 	tools/build.sh $(CACHE)/bin kubeflow
-	$(PY) bench/operator_scale.py --jobs $(or $(JOBS),50 200) --write bench/results/operator-scale.json
+	$(PY) bench/operator_scale.py --jobs $(or $(JOBS),50 200 1000) --write bench/results/operator-scale.json
 
 bench-soak: setup tools ## our operator through 1,500 job create/delete cycles: its RSS slope (~8 min)
 	$(PY) bench/operator_soak.py --cycles $(or $(CYCLES),1500) --write bench/results/operator-soak.json

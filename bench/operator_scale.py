@@ -1,6 +1,6 @@
 """Operator scale benchmark: ours and the Kubeflow Training Operator, side by side on one local cluster.
 
-Run: `make bench-operator` (python bench/operator_scale.py --jobs 50 200 --write bench/results/operator-scale.json)
+Run: `make bench-operator` (python bench/operator_scale.py --jobs 50 200 1000 --write bench/results/operator-scale.json)
 
 One control plane (tools/cluster/cluster.py, with an audit log) with 2 fake 8-GPU nodes per job of the
 largest N, so every job's gang can run. For each N, each operator in turn runs alone, freshly started,
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--jobs", type=int, nargs="+", default=[50, 200], help="values of N (default: 50 200)"
+        "--jobs", type=int, nargs="+", default=[50, 200, 1000], help="values of N (default: 50 200 1000)"
     )
     parser.add_argument("--operators", nargs="+", default=["kubeflow", "ours"], choices=["kubeflow", "ours"])
     parser.add_argument("--write", type=Path, help="write the results as JSON here")
