@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     with bench_cluster(2 * opts.parallel, kubeflow=False) as api_client:
         run = soak(api_client, opts.cycles, opts.parallel, logs)
     result = {
-        "benchmark": "operator soak: create a 2 x 8-GPU job, wait for its workers, delete it; RSS per cycle",
+        "benchmark": "operator soak: create a 2 x 8-GPU job, wait for its workers, delete it, wait until they are gone; RSS per cycle",
         **provenance("bench/operator_soak.py", argv),
         **run,
     }
