@@ -265,11 +265,10 @@ def up(
 
     try:
         populate(name, kubeconfig, nodes, nodes_file, crds_dir, net, real_nodes, real_gpus)
-    except (ClusterError, realnode.NodeError, subprocess.TimeoutExpired) as err:
-        down(name, kubeconfig)  # never a half-made cluster left running
-        raise ClusterError(f"cluster {name} did not come up: {err}") from err
-    except BaseException:  # a bug here, or ^C: still no half-made cluster
+    except BaseException as err:  # a known failure, a bug or ^C: never a half-made cluster left running
         down(name, kubeconfig)
+        if isinstance(err, (ClusterError, realnode.NodeError, subprocess.TimeoutExpired)):
+            raise ClusterError(f"cluster {name} did not come up: {err}") from err
         raise
     log(f"cluster {name} ready in {time.monotonic() - start:.1f}s with {len(nodes)} nodes")
     print(f"export KUBECONFIG={kubeconfig}")
@@ -285,7 +284,8 @@ def populate(
     real_nodes: int,
     real_gpus: int,
 ) -> None:
-    """The nodes, CRDs and real nodes of a started control plane; returns once every node is schedulable."""
+    """The nodes, CRDs and real nodes of a started control plane; returns once every node is schedulable.
+    Raises ClusterError, realnode.NodeError or TimeoutExpired, which `up` reports as one ClusterError."""
     log(f"creating {len(nodes)} fake nodes from {nodes_file}")
     kubectl(
         kubeconfig, "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes})
@@ -296,46 +296,41 @@ def populate(
         kubectl(kubeconfig, "apply", "--server-side", *[a for c in crds for a in ("-f", str(c))])
         wait_established(kubeconfig)
     if net is not None:
-        try:
-            names = realnode.start(
-                cluster_dir(name),
-                net,
-                count=real_nodes,
-                gpus=real_gpus,
-                kubeconfig=kubeconfig,
-                bin_dir=BIN,
-                kubectl=lambda *a: kubectl(kubeconfig, *a),
-                log=log,
-                images_dir=NODE_IMAGES,
-            )
-        except realnode.NodeError as err:
-            raise ClusterError(str(err)) from err
+        names = realnode.start(
+            cluster_dir(name),
+            net,
+            count=real_nodes,
+            gpus=real_gpus,
+            kubeconfig=kubeconfig,
+            bin_dir=BIN,
+            kubectl=lambda *a: kubectl(kubeconfig, *a),
+            log=log,
+            images_dir=NODE_IMAGES,
+        )
         log(f"real nodes {', '.join(names)} joined ({real_gpus} fake GPUs each, {realnode.GPU_PRODUCT})")
     wait_schedulable(kubeconfig, len(nodes) + real_nodes)
-    # Pods can only be created once the service-account controller made the default account.
-    deadline = time.monotonic() + 60
-    while True:
+
+    def has_default_account() -> bool:  # pods can be created only once the controller made it
         try:
             kubectl(kubeconfig, "get", "serviceaccount", "default", "-n", "default", "-o", "name")
-            break
         except ClusterError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            return False
+        return True
+
+    realnode.wait_for("the default service account", has_default_account, 60, interval=0.5)
 
 
 def wait_established(kubeconfig: Path, timeout: float = 60) -> None:
     """Until every CRD is Established. (`kubectl wait --for=condition=Established` fails at once on a CRD
     the API server has not given a status yet, a race a busy control plane loses.)"""
-    deadline = time.monotonic() + timeout
-    while True:
+    waiting: list[str] = []
+
+    def established() -> bool:
         crds = json.loads(kubectl(kubeconfig, "get", "crd", "-o", "json"))["items"]
-        waiting = [c["metadata"]["name"] for c in crds if not has_condition(c, "Established")]
-        if not waiting:
-            return
-        if time.monotonic() > deadline:
-            raise ClusterError(f"CRDs not established after {timeout:.0f}s: {', '.join(waiting)}")
-        time.sleep(0.5)
+        waiting[:] = [c["metadata"]["name"] for c in crds if not has_condition(c, "Established")]
+        return not waiting
+
+    realnode.wait_for(lambda: f"CRDs {', '.join(waiting)}", established, timeout, interval=0.5)
 
 
 def has_condition(obj: dict[str, Any], kind: str) -> bool:
@@ -354,19 +349,20 @@ NOT_YET_SCHEDULABLE = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unrea
 def wait_schedulable(kubeconfig: Path, count: int) -> None:
     """Until `count` nodes are Ready and none carries a not-ready or unreachable taint; the time allowed
     grows with the node count (the node controller untaints a node with two requests; see kwokctl.yaml)."""
-    timeout = 120 + count / 10
-    deadline = time.monotonic() + timeout
-    while True:
-        listed = json.loads(kubectl(kubeconfig, "get", "nodes", "-o", "json", timeout=120))["items"]
-        waiting = [n["metadata"]["name"] for n in listed if not schedulable(n)]
-        if len(listed) >= count and not waiting:
-            return
-        if time.monotonic() > deadline:
-            raise ClusterError(
-                f"{len(waiting)} of {len(listed)} nodes not schedulable after {timeout:.0f}s "
-                f"(e.g. {', '.join(waiting[:5])})"
-            )
-        time.sleep(1)
+    listed: list[dict[str, Any]] = []
+    waiting: list[str] = []
+
+    def all_schedulable() -> bool:
+        listed[:] = json.loads(kubectl(kubeconfig, "get", "nodes", "-o", "json", timeout=120))["items"]
+        waiting[:] = [n["metadata"]["name"] for n in listed if not schedulable(n)]
+        return len(listed) >= count and not waiting
+
+    def unschedulable() -> str:
+        return (
+            f"{len(waiting)} of {len(listed)} listed nodes (e.g. {', '.join(waiting[:5])}; {count} expected)"
+        )
+
+    realnode.wait_for(unschedulable, all_schedulable, 120 + count / 10, interval=1)
 
 
 def schedulable(node: dict[str, Any]) -> bool:

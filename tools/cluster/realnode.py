@@ -370,15 +370,24 @@ class Processes:
         return proc
 
 
-def wait_for(what: str, ready: Callable[[], bool], timeout: float, log_file: Path | None = None) -> None:
+def wait_for(
+    what: str | Callable[[], str],
+    ready: Callable[[], bool],
+    timeout: float,
+    log_file: Path | None = None,
+    interval: float = 0.2,
+) -> None:
+    """Poll `ready` until it holds; past `timeout`, a NodeError naming `what` (a callable when the name
+    depends on what the last poll saw, such as the objects still waited on) and the log's tail."""
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
             tail = ""
             if log_file is not None and log_file.exists():
                 tail = "\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-20:])
-            raise NodeError(f"{what} not ready after {timeout:.0f}s{tail}")
-        time.sleep(0.2)
+            name = what() if callable(what) else what
+            raise NodeError(f"{name} not ready after {timeout:.0f}s{tail}")
+        time.sleep(interval)
 
 
 def buildah_has(image: str) -> bool:
@@ -630,7 +639,7 @@ def node_cgroups(cluster: str) -> list[Path]:
 def kill_containers(cluster: str) -> None:
     """SIGKILL every process in the nodes' cgroups: the containers, which outlive their kubelet and shim."""
     for _ in range(20):
-        pids = set()
+        pids: set[int] = set()
         for cg in node_cgroups(cluster):
             with contextlib.suppress(OSError):
                 pids.update(int(p) for p in (cg / "cgroup.procs").read_text().split())
