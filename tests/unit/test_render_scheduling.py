@@ -21,6 +21,7 @@ from finetune_operator.settings import from_env
 
 QUEUED = {"runPolicy": {"queueName": "team-a-queue"}}
 COSCHEDULED = {"runPolicy": {"gangScheduling": "coscheduling"}}
+NO_OPTIONS = SchedulingOptions()
 BY_DEFAULT = SchedulingOptions(gang_scheduling=GangScheduling.COSCHEDULING)
 
 
@@ -28,7 +29,7 @@ def gang_of(the_job: FineTuneJob, attempt: int = 0) -> Gang:
     return build_gang(the_job, ref(), plan(the_job.spec), OPTIONS, attempt)
 
 
-def desired(the_job: FineTuneJob, options: SchedulingOptions | None = None, attempt: int = 2) -> Desired:
+def desired(the_job: FineTuneJob, options: SchedulingOptions = NO_OPTIONS, attempt: int = 2) -> Desired:
     result = desire(the_job, ref(), OPTIONS, attempt=attempt, refine=refiner_for(the_job, options))
     assert isinstance(result, Desired), result
     return result
@@ -138,7 +139,7 @@ def test_pod_group_names_are_label_values_for_long_job_names() -> None:
 def test_a_job_asking_for_nothing_is_rendered_as_built() -> None:
     the_job = job()
     gang = gang_of(the_job)
-    assert refiner_for(the_job)(gang) == gang
+    assert refiner_for(the_job, NO_OPTIONS)(gang) == gang
 
 
 def test_the_operator_default_comes_from_its_settings() -> None:

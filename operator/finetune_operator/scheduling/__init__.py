@@ -42,14 +42,14 @@ def plugins_for(job: FineTuneJob, options: SchedulingOptions) -> tuple[Schedulin
     return tuple(plugin for plugin in REGISTRY.values() if plugin.applies(job, options))
 
 
-def refiner_for(job: FineTuneJob, options: SchedulingOptions | None = None) -> Refine:
-    """The refinement `core.desire.desire` applies to this job's gang."""
-    chosen = options or SchedulingOptions()
-    plugins = plugins_for(job, chosen)
+def refiner_for(job: FineTuneJob, options: SchedulingOptions) -> Refine:
+    """The refinement `core.desire.desire` applies to this job's gang, under the operator's scheduling
+    settings (required: a default here would silently ignore the cluster's configured gang scheduler)."""
+    plugins = plugins_for(job, options)
 
     def refine(gang: Gang) -> Gang:
         for plugin in plugins:
-            gang = plugin.refine(gang, job, chosen)
+            gang = plugin.refine(gang, job, options)
         return gang
 
     return refine
