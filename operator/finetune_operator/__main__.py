@@ -99,10 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = build_metrics(retention_seconds=settings.metrics.finished_retention_seconds)
     # The writer threads and the two informers' watches each hold a connection.
     api_client = connect(args.kubeconfig, pool_size=settings.timing.api_threads + 4, json_bodies=True)
-    found = preflight.problems(api_client, settings)
+    api = JobApi(api_client)
+    found = preflight.problems(api.rest, settings)
     for problem in found:
         logging.getLogger("finetune_operator").error("cannot act: %s", problem)
-    controller = Controller(settings, JobApi(api_client), metrics, preflight_problems=tuple(found))
+    controller = Controller(settings, api, metrics, preflight_problems=tuple(found))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller, settings)
     metrics_server.serve(metrics.registry, settings.metrics.port)

@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import urllib3
 from kubernetes.watch.watch import iter_resp_lines
 
+from finetune_operator.adapters.rest import Rest, Timeout, document
 from finetune_operator.adapters.retry_after import retry_after
 
 log = logging.getLogger(__name__)
@@ -137,12 +139,12 @@ class Store:
 
 @dataclass(frozen=True)
 class Source:
-    """One watched resource: how to LIST it (with `resourceVersion`, `watch` … keyword arguments) in one
-    namespace (`namespaced`) or in all (`cluster`)."""
+    """One watched resource: the path of its collection in one namespace or, for None, in all
+    (`rest.collection`), listed and watched through `rest`."""
 
     what: str
-    namespaced: Callable[..., Any]
-    cluster: Callable[..., Any]
+    rest: Rest
+    collection: Callable[[str | None], str]
     label_selector: str | None = None
 
 
@@ -215,21 +217,15 @@ class Informer:
         except RuntimeError:  # the loop is closed: the operator is exiting
             self._stop.set()
 
-    def _call(self, scope: str | None, **kwargs: Any) -> Any:
-        if self.source.label_selector:
-            kwargs["label_selector"] = self.source.label_selector
-        if scope is None:
-            return self.source.cluster(_preload_content=False, **kwargs)
-        return self.source.namespaced(scope, _preload_content=False, **kwargs)
+    def _call(self, scope: str | None, timeout: Timeout, **query: Any) -> urllib3.BaseHTTPResponse:
+        query["labelSelector"] = self.source.label_selector
+        return self.source.rest.call("GET", self.source.collection(scope), query=query, timeout=timeout)
 
     def _list(self, scope: str | None) -> tuple[list[Document], str]:
         items: list[Document] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"limit": PAGE, "_request_timeout": (10, 60)}
-            if token:
-                kwargs["_continue"] = token
-            page = json.loads(self._call(scope, **kwargs).data)
+            page = document(self._call(scope, (10, 60), limit=PAGE, **{"continue": token}))
             items.extend(
                 o for o in page["items"] if namespace_matches(o["metadata"]["namespace"], self.patterns)
             )
@@ -240,12 +236,12 @@ class Informer:
     def _watch(self, scope: str | None, version: str) -> Iterator[tuple[str, Document]]:
         response = self._call(
             scope,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
             # A connection that goes silent (an API server gone without a FIN) ends, and is relisted.
-            _request_timeout=(10, WATCH_SECONDS + 30),
+            (10, WATCH_SECONDS + 30),
+            watch=True,
+            resourceVersion=version,
+            allowWatchBookmarks=True,
+            timeoutSeconds=WATCH_SECONDS,
         )
         try:
             for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]

@@ -9,11 +9,10 @@ itself, 400/422) will not get better by retrying.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import kopf
 import urllib3
@@ -21,6 +20,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.adapters.informer import Source
+from finetune_operator.adapters.rest import MERGE_PATCH, Rest, collection, discard, document
 from finetune_operator.adapters.retry_after import retry_after
 from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
 from finetune_operator.client import server_refusal
@@ -84,17 +84,18 @@ class Written:
     pods: tuple[dict[str, Any], ...]
 
 
-def _document(response: Any) -> dict[str, Any]:
-    """The JSON body of a call made with `_preload_content=False` (the API's camelCase, no client models)."""
-    return cast(dict[str, Any], json.loads(response.data))
+#: Where `ensure` creates each kind it handles: (group, version, plural).
+ENSURED = {
+    "ConfigMap": ("", "v1", "configmaps"),
+    "Service": ("", "v1", "services"),
+    "ServiceAccount": ("", "v1", "serviceaccounts"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    coscheduling.KIND: (coscheduling.GROUP, coscheduling.VERSION, coscheduling.PLURAL),
+}
 
 
-def _discard(response: Any) -> None:
-    """A `_preload_content=False` response whose body is not needed (no client models built from it): read
-    to its end and its connection returned to the pool. Left unread, the connection is not reused, and
-    every later request opens and handshakes a new one."""
-    response.drain_conn()
-    response.release_conn()
+def job_path(namespace: str, name: str) -> str:
+    return f"{collection(GROUP, VERSION, PLURAL, namespace)}/{name}"
 
 
 class JobApi:
@@ -102,29 +103,20 @@ class JobApi:
 
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api_client = api_client
-        self.core = client.CoreV1Api(api_client)
-        self.rbac = client.RbacAuthorizationV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+        self.rest = Rest(api_client)
 
     def credentials(self) -> kopf.ConnectionInfo:
         return connection_info(self.api_client)
 
     def job_source(self) -> Source:
         """How the job informer lists and watches FineTuneJobs."""
-        custom = self.custom
-        return Source(
-            PLURAL,
-            lambda namespace, **kw: custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, **kw
-            ),
-            lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw),
-        )
+        return Source(PLURAL, self.rest, lambda namespace: collection(GROUP, VERSION, PLURAL, namespace))
 
     def pod_source(self) -> Source:
         """How the pod informer lists and watches workers: only pods with the job-name label, selected by
         the API server (a cluster's other pods never reach the operator)."""
         return Source(
-            "pods", self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces, names.LABEL_JOB_NAME
+            "pods", self.rest, lambda namespace: collection("", "v1", "pods", namespace), names.LABEL_JOB_NAME
         )
 
     # --- reads ------------------------------------------------------------------------------------
@@ -132,8 +124,7 @@ class JobApi:
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The job as stored now (a quorum read), or None once it is gone."""
         try:
-            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-            return cast(dict[str, Any], body)
+            return self.rest.get(job_path(namespace, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -147,7 +138,7 @@ class JobApi:
         found: dict[str, NodeView | None] = {}
         for name in node_names:
             try:
-                found[name] = read_node(_document(self.core.read_node(name, _preload_content=False)))
+                found[name] = read_node(self.rest.get(f"{collection('', 'v1', 'nodes')}/{name}"))
             except ApiException as exc:
                 if exc.status == 404:
                     found[name] = None
@@ -178,10 +169,8 @@ class JobApi:
             "status": status.model_dump(mode="json", by_alias=True, exclude_none=True),
         }
         try:
-            return _document(
-                self.custom.replace_namespaced_custom_object_status(
-                    GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body, _preload_content=False
-                )
+            return document(
+                self.rest.call("PUT", f"{job_path(meta['namespace'], meta['name'])}/status", body=body)
             )
         except Exception as exc:
             raise classify(exc, f"write status of {meta['namespace']}/{meta['name']}") from exc
@@ -193,17 +182,10 @@ class JobApi:
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         what = f"create {kind.lower()} {namespace}/{name}"
-        creators: dict[str, Callable[..., object]] = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "Service": self.core.create_namespaced_service,
-            "ServiceAccount": self.core.create_namespaced_service_account,
-            "RoleBinding": self.rbac.create_namespaced_role_binding,
-            coscheduling.KIND: self._create_pod_group,
-        }
         try:
-            if kind not in creators:
+            if kind not in ENSURED:
                 raise ValueError(f"ensure does not handle {kind}")
-            _discard(creators[kind](namespace, cast(Any, obj), _preload_content=False))
+            discard(self.rest.call("POST", collection(*ENSURED[kind], namespace), body=obj))
         except ApiException as exc:
             if exc.status == 404 and kind == coscheduling.KIND:
                 raise kopf.PermanentError(
@@ -220,17 +202,14 @@ class JobApi:
         except Exception as exc:
             raise classify(exc, what) from exc
 
-    def _create_pod_group(self, namespace: str, body: Mapping[str, Any], **options: Any) -> object:
-        return self.custom.create_namespaced_custom_object(
-            coscheduling.GROUP, coscheduling.VERSION, namespace, coscheduling.PLURAL, dict(body), **options
-        )
-
     def _update_configmap(self, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
+        path = f"{collection('', 'v1', 'configmaps', meta['namespace'])}/{meta['name']}"
         try:
-            current = self.core.read_namespaced_config_map(meta["name"], meta["namespace"])
-            if (current.data or {}) != obj.get("data", {}):
-                self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], {"data": obj["data"]})
+            current = self.rest.get(path)
+            if (current.get("data") or {}) != obj.get("data", {}):
+                patch = {"data": obj["data"]}
+                discard(self.rest.call("PATCH", path, body=patch, content_type=MERGE_PATCH))
         except Exception as exc:
             raise classify(exc, f"update configmap {meta['namespace']}/{meta['name']}") from exc
 
@@ -239,9 +218,7 @@ class JobApi:
         before a restart)."""
         meta = pod["metadata"]
         try:
-            return _document(
-                self.core.create_namespaced_pod(meta["namespace"], cast(Any, pod), _preload_content=False)
-            )
+            return self.rest.create(collection("", "v1", "pods", meta["namespace"]), pod)
         except ApiException as exc:
             if exc.status == 409:
                 return None
@@ -254,14 +231,9 @@ class JobApi:
         pod on a lost node, whose kubelet will never confirm a graceful deletion. The pod as it now is
         (terminating), or None when it is gone already."""
         try:
-            response = _document(
-                self.core.delete_namespaced_pod(
-                    name,
-                    namespace,
-                    propagation_policy="Background",
-                    grace_period_seconds=0 if force else None,
-                    _preload_content=False,
-                )
+            query = {"propagationPolicy": "Background", "gracePeriodSeconds": 0 if force else None}
+            response = document(
+                self.rest.call("DELETE", f"{collection('', 'v1', 'pods', namespace)}/{name}", query=query)
             )
             return response if response.get("kind") == "Pod" else None
         except ApiException as exc:
@@ -274,8 +246,8 @@ class JobApi:
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete the job; its pods, ConfigMap and Service go with it through their owner references."""
         try:
-            self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+            discard(
+                self.rest.call("DELETE", job_path(namespace, name), query={"propagationPolicy": "Background"})
             )
         except ApiException as exc:
             if exc.status != 404:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from finetune_operator.adapters.rest import Rest, collection
 from finetune_operator.api.models import GROUP, PLURAL
 from finetune_operator.settings import Settings
 
@@ -26,14 +26,15 @@ NEEDED = (
 )
 
 
-def problems(api_client: client.ApiClient, settings: Settings) -> list[str]:
+def problems(rest: Rest, settings: Settings) -> list[str]:
     """One line per thing that keeps the operator from acting, with what to do; empty when ready."""
-    return list(_crd(api_client)) + list(_peering(api_client, settings)) + list(_access(api_client, settings))
+    return list(_crd(rest)) + list(_peering(rest, settings)) + list(_access(rest, settings))
 
 
-def _crd(api_client: client.ApiClient) -> Iterator[str]:
+def _crd(rest: Rest) -> Iterator[str]:
+    crds = collection("apiextensions.k8s.io", "v1", "customresourcedefinitions")
     try:
-        client.ApiextensionsV1Api(api_client).read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+        rest.get(f"{crds}/{PLURAL}.{GROUP}")
     except ApiException as exc:
         if exc.status == 404:
             yield (
@@ -42,21 +43,16 @@ def _crd(api_client: client.ApiClient) -> Iterator[str]:
             )
 
 
-def _peering(api_client: client.ApiClient, settings: Settings) -> Iterator[str]:
+def _peering(rest: Rest, settings: Settings) -> Iterator[str]:
     peering = settings.peering
     if peering.standalone:
         return
-    objects = client.CustomObjectsApi(api_client)
     exact = [ns for ns in settings.namespaces if not any(c in ns for c in "*?[")]
     scopes: list[str | None] = list(exact) if settings.namespaces else [None]
     for namespace in scopes:
+        plural = "clusterkopfpeerings" if namespace is None else "kopfpeerings"
         try:
-            if namespace is None:
-                objects.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering.name)
-            else:
-                objects.get_namespaced_custom_object(
-                    "kopf.dev", "v1", namespace, "kopfpeerings", peering.name
-                )
+            rest.get(f"{collection('kopf.dev', 'v1', plural, namespace)}/{peering.name}")
         except ApiException as exc:
             if exc.status == 404:
                 kind = "ClusterKopfPeering" if namespace is None else f"KopfPeering in namespace {namespace}"
@@ -66,27 +62,24 @@ def _peering(api_client: client.ApiClient, settings: Settings) -> Iterator[str]:
                 )
 
 
-def _access(api_client: client.ApiClient, settings: Settings) -> Iterator[str]:
-    authorization = client.AuthorizationV1Api(api_client)
+def _access(rest: Rest, settings: Settings) -> Iterator[str]:
+    reviews = collection("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
     namespace = next((ns for ns in settings.namespaces if not any(c in ns for c in "*?[")), None)
     for verb, group, resource in NEEDED:
         plural, _, subresource = resource.partition("/")
-        review = client.V1SelfSubjectAccessReview(
-            spec=client.V1SelfSubjectAccessReviewSpec(
-                resource_attributes=client.V1ResourceAttributes(
-                    verb=verb,
-                    group=group,
-                    resource=plural,
-                    subresource=subresource or None,
-                    namespace=namespace,
-                )
-            )
-        )
+        attributes = {"verb": verb, "group": group, "resource": plural}
+        attributes.update({"subresource": subresource} if subresource else {})
+        attributes.update({"namespace": namespace} if namespace else {})
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        }
         try:
-            answer = authorization.create_self_subject_access_review(review).status
+            answer = rest.create(reviews, review).get("status")
         except ApiException:
             return  # cannot ask: the reconciles will say what is refused
-        if answer is not None and not answer.allowed:
+        if answer is not None and not answer.get("allowed"):
             where = f" in namespace {namespace}" if namespace else " cluster-wide"
             yield (
                 f"this account may not {verb} {resource}{where}: grant it (the chart's ClusterRole has every "
