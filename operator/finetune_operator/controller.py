@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from finetune_operator.adapters import events
 from finetune_operator.adapters.informer import Document, Informer, Key, Store, namespace_matches
 from finetune_operator.adapters.kube import JobApi
-from finetune_operator.api.models import KIND, FineTuneJob, FineTuneJobStatus
+from finetune_operator.api.models import KIND, FineTuneJobStatus, RunPolicySpec
 from finetune_operator.core import names
 from finetune_operator.core.desire import Desired, SpecProblem, desire, parse_job
 from finetune_operator.core.gang import JobRef
@@ -52,8 +52,10 @@ ACTING_MESSAGE = "acting from now on"
 
 T = TypeVar("T")
 
-#: What a job's spec plans to: the parsed job and its desired objects, or why it cannot run.
-Intent = tuple[FineTuneJob | SpecProblem, Desired | SpecProblem]
+#: What a job's spec plans to: its run policy (the default when the spec does not parse) and its desired
+#: objects, or why it cannot run. Not the parsed job: the controller keeps an intent per running job, and
+#: the rest of the spec is already in the rendered objects.
+Intent = tuple[RunPolicySpec, Desired | SpecProblem]
 
 
 def read_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
@@ -79,9 +81,9 @@ def intend(body: Mapping[str, Any], attempt: int, settings: Settings) -> Intent:
     generation), the attempt and the settings only, so the controller keeps it between passes."""
     job = parse_job(body)
     if isinstance(job, SpecProblem):
-        return job, job
+        return RunPolicySpec(), job
     refine = refiner_for(job, settings.scheduling_options())
-    return job, desire(job, job_ref(body), settings.render_options(), attempt, refine)
+    return job.spec.run_policy, desire(job, job_ref(body), settings.render_options(), attempt, refine)
 
 
 def decide(
@@ -98,9 +100,10 @@ def decide(
     when the caller already has them (the controller does: one parse of the status per pass)."""
     if status is None:
         status = read_status(body)
-    job, desired = intent or intend(body, status.attempt, settings)
-    spec = None if isinstance(job, SpecProblem) else job.spec
-    return reconcile(job_ref(body), spec, status, desired, pods, now, settings.lifecycle_policy(), nodes)
+    run_policy, desired = intent or intend(body, status.attempt, settings)
+    return reconcile(
+        job_ref(body), run_policy, status, desired, pods, now, settings.lifecycle_policy(), nodes
+    )
 
 
 def without_managed_fields(obj: Document) -> Document:

@@ -33,7 +33,7 @@ def run(
     desired = desire(the_job, ref(generation), OPTIONS, attempt=status.attempt)
     return reconcile(
         ref(generation),
-        the_job.spec,
+        the_job.spec.run_policy,
         status,
         desired,
         pods or [],
@@ -114,7 +114,7 @@ def test_the_trainers_account_is_ensured_before_its_workers_are_created() -> Non
     the_job = job()
     options = replace(OPTIONS, trainer_cluster_role="finetune-trainer")
     desired = desire(the_job, ref(), options, attempt=0)
-    actions = reconcile(ref(), the_job.spec, FineTuneJobStatus(), desired, [], NOW, POLICY)
+    actions = reconcile(ref(), the_job.spec.run_policy, FineTuneJobStatus(), desired, [], NOW, POLICY)
     assert [o["kind"] for o in actions.ensure] == ["ServiceAccount", "RoleBinding", "ConfigMap", "Service"]
     assert len(actions.create_pods) == 2
 
@@ -596,7 +596,7 @@ def run_with_nodes(
 ) -> Actions:
     the_job = job()
     desired = desire(the_job, ref(), OPTIONS, attempt=status.attempt)
-    return reconcile(ref(), the_job.spec, status, desired, pods, NOW, POLICY, nodes)
+    return reconcile(ref(), the_job.spec.run_policy, status, desired, pods, NOW, POLICY, nodes)
 
 
 def test_a_node_not_ready_for_less_than_the_grace_is_waited_for() -> None:

@@ -1,4 +1,4 @@
-"""Decide what one job needs next, purely: `reconcile(job, spec, status, desired, pods, now) -> Actions`.
+"""Decide what one job needs next, purely: `reconcile(job, run_policy, status, desired, pods, now) -> Actions`.
 
 All the state it needs lives in the API server — the job's status (phase, restarts, conditions and
 their transition times, startTime, completionTime) and its pods (labelled with the attempt they belong
@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from finetune_operator.api.enums import Phase
 from finetune_operator.api.exit_codes import PERMANENT_EXIT_CODES, describe
-from finetune_operator.api.models import CheckpointStatus, FineTuneJobSpec, FineTuneJobStatus, RunPolicySpec
+from finetune_operator.api.models import CheckpointStatus, FineTuneJobStatus, RunPolicySpec
 from finetune_operator.api.text import count
 from finetune_operator.core.desire import Desired, SpecProblem
 from finetune_operator.core.gang import JobRef
@@ -222,7 +222,7 @@ class _Decision:
 
 def reconcile(
     job: JobRef,
-    spec: FineTuneJobSpec | None,
+    run_policy: RunPolicySpec,
     status: FineTuneJobStatus,
     desired: Desired | SpecProblem,
     pods: Sequence[Mapping[str, Any]],
@@ -230,14 +230,14 @@ def reconcile(
     policy: LifecyclePolicy,
     nodes: Mapping[str, NodeView | None] = MappingProxyType({}),
 ) -> Actions:
-    """The next step for one job, given its spec (None when it does not parse), status and pods, and the
-    nodes of its suspect workers (`status.nodes_to_check`; None for a node that no longer exists)."""
+    """The next step for one job, given its run policy (the default when its spec does not parse), status
+    and pods, and the nodes of its suspect workers (`status.nodes_to_check`; None for a node that no longer
+    exists). Of the spec, only the run policy is read here: the rest is in `desired`."""
     d = _Decision(status, now, job.generation)
     workers = [read_worker(pod) for pod in pods]
     ours = [w for w in workers if w.owner_uid == job.uid]
     foreign = [w for w in workers if w.owner_uid != job.uid]
     d.lost = _lost(d, ours, nodes, policy)
-    run_policy = spec.run_policy if spec is not None else RunPolicySpec()
 
     if d.status.phase in FINISHED:
         _finished(d, ours, run_policy)
