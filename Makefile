@@ -46,8 +46,8 @@ bench-operator: setup tools ## ours vs the Kubeflow Training Operator (built fro
 	tools/build.sh $(CACHE)/bin kubeflow
 	$(PY) bench/operator_scale.py --jobs $(or $(JOBS),50 200 1000) --write bench/results/operator-scale.json
 
-bench-soak: setup tools ## our operator through 1,500 job create/delete cycles: its RSS slope (~8 min)
-	$(PY) bench/operator_soak.py --cycles $(or $(CYCLES),1500) --write bench/results/operator-soak.json
+bench-soak: setup tools ## our operator through 3,000 job create/delete cycles: its RSS slope (~8 min)
+	$(PY) bench/operator_soak.py --cycles $(or $(CYCLES),3000) --write bench/results/operator-soak.json
 
 GPU_NAME ?= gpu
 bench-trainer: setup ## on a GPU: each method's measured peak memory and tokens/s vs the estimate

@@ -1,6 +1,6 @@
 """Operator soak: create and delete jobs many times over and watch the operator's memory.
 
-Run: `make bench-soak` (python bench/operator_soak.py --cycles 1500 --write bench/results/operator-soak.json)
+Run: `make bench-soak` (python bench/operator_soak.py --cycles 3000 --write bench/results/operator-soak.json)
 
 One local control plane with fake 8-GPU nodes (the scale benchmark's, bench/operator_scale.py) and our
 operator, freshly started, out of cluster. Each cycle creates a FineTuneJob of 2 x 8-GPU workers, waits
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cycles", type=int, default=1500, help="create/delete cycles (default 1500)")
+    parser.add_argument("--cycles", type=int, default=3000, help="create/delete cycles (default 3000)")
     parser.add_argument("--parallel", type=int, default=8, help="cycles at once (default 8)")
     parser.add_argument("--write", type=Path, help="write the result as JSON here")
     opts = parser.parse_args(argv)
