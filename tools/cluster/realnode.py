@@ -49,7 +49,8 @@ NETNS_DIR = Path("/var/run/netns")
 CGROUP_V1 = Path("/sys/fs/cgroup")
 #: Images the nodes get from buildah's storage when they exist (tools/images/build.sh names them).
 PAUSE_IMAGE = "localhost/finetune/pause:local"
-PROJECT_IMAGES = ("localhost/finetune/trainer:dev", "localhost/finetune/operator:dev")
+TRAINER_IMAGE = "localhost/finetune/trainer:dev"
+PROJECT_IMAGES = (TRAINER_IMAGE, "localhost/finetune/operator:dev")
 #: What a real node advertises: fake GPUs of a product no fake pool has, so a job asking for it lands here.
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT = "NVIDIA-L4"
@@ -400,16 +401,19 @@ def ctr(node: Node, *args: str, check: bool = True) -> str:
     return sh(["ctr", "--address", str(node.socket), "-n", "k8s.io", *args], check=check)
 
 
+def has_image(node: Node, image: str) -> bool:
+    return image in ctr(node, "images", "ls", "-q").split()
+
+
 def load_image(nodes: list[Node], image: str, image_id: str) -> list[Node]:
     """Stream an image from buildah's storage into the nodes' containerd (no archive on disk; one push
     feeds every node), skipping nodes that loaded the same image ID before; the nodes it loaded."""
-    todo = [
-        node
-        for node in nodes
-        if loaded_id(node, image) != image_id or image not in ctr(node, "images", "ls", "-q")
-    ]
+    todo = [node for node in nodes if loaded_id(node, image) != image_id or not has_image(node, image)]
     if not todo:
         return []
+    for node in todo:  # an older build under the same name: its content and snapshots go first
+        if has_image(node, image):
+            ctr(node, "images", "rm", "--sync", image)
     push = subprocess.Popen(
         ["buildah", "push", "--quiet", image, f"docker-archive:/dev/stdout:{image}"],
         stdout=subprocess.PIPE,
@@ -464,12 +468,13 @@ def project_images() -> dict[str, str]:
 
 
 def drop_stale_images(node: Node, images: dict[str, str], log: Log) -> None:
-    """Start a node's containerd root afresh when an image it holds was rebuilt. A changed image is loaded
-    whole anyway (a few minutes for the trainer), and containerd does not reliably give back the old
-    one's snapshots: two generations of the trainer image filled this machine's disk."""
-    stale = [image for image, image_id in images.items() if loaded_id(node, image) not in (None, image_id)]
-    if stale and node.images.exists():
-        log(f"{node.name}: {', '.join(stale)} changed; starting its image store afresh")
+    """Start a node's containerd root afresh when the trainer image it holds was rebuilt: it is loaded
+    whole anyway (a few minutes), and containerd did not reliably give back the old trainer's snapshots
+    (two generations of it filled this machine's disk). Any other rebuilt image (the operator, with every
+    operator change) is replaced in place by `load_image`, so the trainer is not streamed in again."""
+    built = images.get(TRAINER_IMAGE)
+    if built and loaded_id(node, TRAINER_IMAGE) not in (None, built) and node.images.exists():
+        log(f"{node.name}: {TRAINER_IMAGE} changed; starting its image store afresh")
         shutil.rmtree(node.images)
 
 
