@@ -94,8 +94,16 @@ ENSURED = {
 }
 
 
+def jobs_path(namespace: str | None) -> str:
+    return collection(GROUP, VERSION, PLURAL, namespace)
+
+
 def job_path(namespace: str, name: str) -> str:
-    return f"{collection(GROUP, VERSION, PLURAL, namespace)}/{name}"
+    return f"{jobs_path(namespace)}/{name}"
+
+
+def pods_path(namespace: str | None) -> str:
+    return collection("", "v1", "pods", namespace)
 
 
 class JobApi:
@@ -110,14 +118,12 @@ class JobApi:
 
     def job_source(self) -> Source:
         """How the job informer lists and watches FineTuneJobs."""
-        return Source(PLURAL, self.rest, lambda namespace: collection(GROUP, VERSION, PLURAL, namespace))
+        return Source(PLURAL, self.rest, jobs_path)
 
     def pod_source(self) -> Source:
         """How the pod informer lists and watches workers: only pods with the job-name label, selected by
         the API server (a cluster's other pods never reach the operator)."""
-        return Source(
-            "pods", self.rest, lambda namespace: collection("", "v1", "pods", namespace), names.LABEL_JOB_NAME
-        )
+        return Source("pods", self.rest, pods_path, names.LABEL_JOB_NAME)
 
     # --- reads ------------------------------------------------------------------------------------
 
@@ -218,7 +224,7 @@ class JobApi:
         before a restart)."""
         meta = pod["metadata"]
         try:
-            return self.rest.create(collection("", "v1", "pods", meta["namespace"]), pod)
+            return self.rest.create(pods_path(meta["namespace"]), pod)
         except ApiException as exc:
             if exc.status == 409:
                 return None
@@ -232,9 +238,7 @@ class JobApi:
         (terminating), or None when it is gone already."""
         try:
             query = {"propagationPolicy": "Background", "gracePeriodSeconds": 0 if force else None}
-            response = document(
-                self.rest.call("DELETE", f"{collection('', 'v1', 'pods', namespace)}/{name}", query=query)
-            )
+            response = document(self.rest.call("DELETE", f"{pods_path(namespace)}/{name}", query=query))
             return response if response.get("kind") == "Pod" else None
         except ApiException as exc:
             if exc.status != 404:
