@@ -54,7 +54,7 @@ T = TypeVar("T")
 
 #: What a job's spec plans to: its run policy (the default when the spec does not parse) and its desired
 #: objects, or why it cannot run. Not the parsed job: the controller keeps an intent per running job, and
-#: the rest of the spec is already in the rendered objects.
+#: the rest of the spec is already in the desired gang.
 Intent = tuple[RunPolicySpec, Desired | SpecProblem]
 
 

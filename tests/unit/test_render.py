@@ -191,6 +191,20 @@ def test_workers_of_the_base_job_are_the_whole_expected_pods() -> None:
         assert pod == expected_worker(index, result.template_hash)
 
 
+def test_a_desired_job_holds_its_gang_and_renders_fresh_objects_on_each_read() -> None:
+    """The controller keeps a Desired per running job: a caller that edits what it read (the scheduler
+    refiner's PodGroup, a pod before its create) must not change what the next pass creates."""
+    result = desired()
+    assert result.pod_names == tuple(p["metadata"]["name"] for p in result.pods)
+    first = result.pods
+    first[0]["metadata"]["labels"]["edited"] = "yes"
+    first[1]["spec"]["containers"][0]["env"].clear()
+    result.configmap["data"].clear()
+    assert result.pods == tuple(expected_worker(i, result.template_hash) for i in range(2))
+    assert result.configmap["data"]
+    assert not any(isinstance(v, dict) for v in vars(result).values())
+
+
 def test_service_is_headless_and_selects_the_job() -> None:
     assert desired().service == {
         "apiVersion": "v1",

@@ -277,7 +277,7 @@ def reconcile(
     if _deadline_passed(d, run_policy, ours):
         return d.actions()
 
-    wanted = {pod["metadata"]["name"] for pod in desired.pods}
+    wanted = set(desired.pod_names)
     blocking = [w for w in foreign if w.name in wanted]
     if stale or blocking:
         _replace_stale(d, stale, blocking, job, desired)
@@ -302,7 +302,8 @@ def reconcile(
 
     if gang.missing:
         d.ensure.extend([*desired.access, *desired.companions, desired.configmap, desired.service])
-        d.create.extend(desired.pods[i] for i in gang.missing)
+        pods = desired.pods
+        d.create.extend(pods[i] for i in gang.missing)
         if not current:
             d.events.append(
                 Event(
