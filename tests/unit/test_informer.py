@@ -104,9 +104,21 @@ def test_the_stores_trim_what_nobody_reads(state: dict[str, Any]) -> None:
     pod = pod_doc(0, **state)
     pod["metadata"]["managedFields"] = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
     pod["spec"]["containers"] = [{"name": "trainer", "image": "img", "env": [{"name": "X", "value": "1"}]}]
+    addresses = {
+        "hostIP": "10.0.0.1",
+        "podIP": "10.1.0.7",
+        "podIPs": [{"ip": "10.1.0.7"}],
+        "qosClass": "Guaranteed",
+    }
+    pod["status"].update(addresses)
+    for container in pod["status"].get("containerStatuses") or []:
+        container.update(image="img", imageID="sha256:1", containerID="containerd://2", ready=True)
     trimmed = worker_fields(pod)
     assert read_worker(trimmed) == read_worker(pod)
     assert "managedFields" not in trimmed["metadata"] and "containers" not in trimmed["spec"]
+    assert not addresses.keys() & trimmed["status"].keys()
+    kept = [set(c) for c in trimmed["status"].get("containerStatuses") or []]
+    assert all(c <= {"name", "state", "lastState"} for c in kept)
     job = {"metadata": {"name": "j", "managedFields": [{"manager": "kubectl"}]}, "spec": {}}
     before = copy.deepcopy(job)
     assert without_managed_fields(job) == {"metadata": {"name": "j"}, "spec": {}}

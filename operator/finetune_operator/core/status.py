@@ -175,6 +175,10 @@ _WORKER_METADATA = (
     "deletionTimestamp",
 )
 _WORKER_SPEC = ("nodeName", "schedulingGates")
+#: Of a pod's status, its phase, why, its conditions and its containers' states: not the addresses,
+#: images and IDs that make up most of a running pod's status.
+_WORKER_STATUS = ("phase", "reason", "message", "conditions")
+_CONTAINER_STATUS = ("name", "state", "lastState")
 
 
 def worker_fields(pod: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,10 +186,16 @@ def worker_fields(pod: Mapping[str, Any]) -> dict[str, Any]:
     containers, volumes and managedFields that make up most of a pod's size."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    kept = {k: status[k] for k in _WORKER_STATUS if k in status}
+    if "containerStatuses" in status:
+        kept["containerStatuses"] = [
+            {k: c[k] for k in _CONTAINER_STATUS if k in c} for c in status["containerStatuses"] or []
+        ]
     return {
         "metadata": {k: meta[k] for k in _WORKER_METADATA if k in meta},
         "spec": {k: spec[k] for k in _WORKER_SPEC if k in spec},
-        "status": pod.get("status") or {},
+        "status": kept,
     }
 
 
