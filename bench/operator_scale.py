@@ -21,7 +21,9 @@ to tens of seconds at 200 jobs) with PyTorchJobs of one Master and one Worker of
 runs FineTuneJobs of a LoRA on a 7B model with `gpus: 16`, which plans 2 workers of 8.
 
 BENCH_PROFILE=PATH runs ours under bench/profile_threads.py (cProfile in every thread, on each thread's CPU
-clock) and writes the merged profile to PATH.
+clock) and writes the merged profile to PATH. BENCH_MEMORY=PATH runs ours under bench/memory_holders.py
+and, once its jobs have settled, writes what holds its memory to PATH.ours-N (tracing inflates RSS and
+CPU: neither run's figures are the benchmark's).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -332,11 +335,29 @@ def mount_kubeflow_certs(core: CoreV1Api) -> bool:
     return True
 
 
+def memory_report(log: Path) -> str:
+    """Where a BENCH_MEMORY run's report goes: PATH.ours-N, from the run's log file ours-N.log."""
+    return f"{os.environ['BENCH_MEMORY']}.{log.stem}"
+
+
+def write_memory_report(proc: subprocess.Popen[bytes], report: Path) -> None:
+    """Ask bench/memory_holders.py for its report (SIGUSR1) and wait until it is written whole."""
+    report.unlink(missing_ok=True)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 600
+    while not report.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"no memory report at {report}")
+        time.sleep(1.0)
+
+
 def start_operator(operator: str, log: Path, core: CoreV1Api) -> subprocess.Popen[bytes]:
     if operator == "ours":
         profile = (
             [str(REPO / "bench" / "profile_threads.py"), os.environ["BENCH_PROFILE"]]
             if "BENCH_PROFILE" in os.environ
+            else [str(REPO / "bench" / "memory_holders.py"), memory_report(log)]
+            if "BENCH_MEMORY" in os.environ
             else []
         )
         command = [
@@ -370,14 +391,27 @@ def start_operator(operator: str, log: Path, core: CoreV1Api) -> subprocess.Pope
     raise RuntimeError(f"{operator} not ready in 120 s; see {log}")
 
 
-def audit_count(offset: int, agents: tuple[str, ...]) -> int:
+def audit_mark() -> tuple[int, int]:
+    """Where the audit log stands now: its file (inode) and size."""
+    stat = AUDIT_LOG.stat()
+    return stat.st_ino, stat.st_size
+
+
+def audit_count(mark: tuple[int, int], agents: tuple[str, ...]) -> int:
+    """Requests from `agents` logged since `mark`. The API server rotates its audit log at 100 MB (renamed
+    to audit-TIME.log, same inode), which a run at N = 1000 can cross: the count reads on from the marked
+    file, wherever it now is, through every newer one."""
+    inode, offset = mark
+    logs = sorted(AUDIT_LOG.parent.glob("audit*.log"), key=lambda p: p.stat().st_mtime)
+    first = next(i for i, path in enumerate(logs) if path.stat().st_ino == inode)
     count = 0
-    with AUDIT_LOG.open("rb") as log:
-        log.seek(offset)
-        for line in log:
-            with contextlib.suppress(ValueError):
-                if json.loads(line).get("userAgent", "").startswith(agents):
-                    count += 1
+    for path in logs[first:]:
+        with path.open("rb") as log:
+            log.seek(offset if path.stat().st_ino == inode else 0)
+            for line in log:
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("userAgent", "").startswith(agents):
+                        count += 1
     return count
 
 
@@ -412,7 +446,7 @@ def one_run(api_client: ApiClient, operator: str, jobs: int, logs: Path) -> Run:
     watcher.start()
     time.sleep(1.0)
     try:
-        offset = AUDIT_LOG.stat().st_size
+        mark = audit_mark()
         cpu0 = proc_cpu_seconds(proc.pid)
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             created = dict(
@@ -429,10 +463,12 @@ def one_run(api_client: ApiClient, operator: str, jobs: int, logs: Path) -> Run:
             time.sleep(0.2)
         cpu_busy = proc_cpu_seconds(proc.pid) - cpu0
         time.sleep(SETTLE_SECONDS)
-        requests = audit_count(offset, AGENTS[operator])
+        requests = audit_count(mark, AGENTS[operator])
         idle0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
         time.sleep(IDLE_SECONDS)
         idle = (proc_cpu_seconds(proc.pid) - idle0) / (time.monotonic() - t0) * 100
+        if operator == "ours" and "BENCH_MEMORY" in os.environ:
+            write_memory_report(proc, Path(memory_report(logs / f"{namespace}.log")))
         pods_created = [max(clock.seen[j].values()) - created[j] for j in created]
         running = [max(clock.running[j].values()) - created[j] for j in created]
         return Run(
