@@ -4,6 +4,7 @@ replaces everything, and the pod index follows labels; the trimmed pod reads as 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -123,6 +124,25 @@ def test_the_stores_trim_what_nobody_reads(state: dict[str, Any]) -> None:
     before = copy.deepcopy(job)
     assert without_managed_fields(job) == {"metadata": {"name": "j"}, "spec": {}}
     assert job == before  # the watch's document is not changed under the caller
+
+
+def test_stored_documents_share_their_keys_and_short_strings() -> None:
+    """Each document json decodes has its own copy of every key; the store keeps one of each, and the
+    documents still read the same."""
+    store = pods()
+    text = json.dumps(pod_doc(0, progress='{"step": 3}'))
+    first, second = json.loads(text), json.loads(text)
+    second["metadata"]["name"] = "tiny-worker-1"
+    assert next(iter(first)) is not next(iter(second))
+    store.upsert(first)
+    store.upsert(second)
+    held = [store.get("team-a", name) for name in ("tiny-worker-0", "tiny-worker-1")]
+    assert held[0] == json.loads(text)
+    assert held[0] is not None and held[1] is not None
+    keys = [list(doc["metadata"]) for doc in held]
+    assert all(a is b for a, b in zip(*keys, strict=True))
+    phases = [doc["status"]["phase"] for doc in held]
+    assert phases[0] is phases[1] == "Running"
 
 
 @pytest.mark.parametrize(
