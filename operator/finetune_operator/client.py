@@ -14,7 +14,6 @@ Plain synchronous calls through the official kubernetes client; nothing here kee
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -35,16 +34,6 @@ from finetune_operator.manifests import load_job
 FINISHED = (Phase.SUCCEEDED, Phase.FAILED)
 
 
-def server_refusal(exc: ApiException) -> tuple[str, str]:
-    """(reason, message) of an API server refusal, from the Status in its body (`NotFound`, `Forbidden`,
-    what the webhook said); the HTTP status and reason where the body is not a Status."""
-    try:
-        body = json.loads(exc.body or "{}")
-        return str(body.get("reason") or exc.status), str(body.get("message") or exc.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(exc.status), str(exc.reason)
-
-
 class JobFailed(RuntimeError):
     """The job ended Failed; `status` has the conditions, `str()` the reason."""
 
@@ -59,25 +48,9 @@ class DoesNotFit(ValueError):
     """The planner found no layout for the job: submitting it would only fail in the cluster."""
 
 
-class JsonBodiesApiClient(client.ApiClient):
-    """An API client for callers whose request bodies are already the API's JSON (dicts of JSON values),
-    as the operator's are: it sends them as they are. The stock client walks every value of every body to
-    turn client models and datetimes into JSON, which was a tenth of the operator's CPU under load."""
-
-    def sanitize_for_serialization(self, obj: Any) -> Any:
-        if isinstance(obj, dict):
-            return obj
-        return super().sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
-
-
-def connect(
-    kubeconfig: str | None = None, pool_size: int | None = None, *, json_bodies: bool = False
-) -> client.ApiClient:
+def connect(kubeconfig: str | None = None) -> client.ApiClient:
     """An API client: an explicit kubeconfig, else the pod's service account, else $KUBECONFIG or
-    ~/.kube/config (the same order kopf's own login follows). `pool_size`: connections kept open to
-    the API server (the client's default is 5 per CPU, too few for threads writing at once).
-    `json_bodies`: every body is plain JSON already (see `JsonBodiesApiClient`); ftctl's bodies come
-    from YAML, whose dates the stock client turns into strings."""
+    ~/.kube/config (the order the operator's own login follows, adapters/login.py)."""
     configuration = client.Configuration()
     if kubeconfig:
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
@@ -86,9 +59,7 @@ def connect(
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    if pool_size is not None:
-        configuration.connection_pool_maxsize = pool_size
-    api_client = (JsonBodiesApiClient if json_bodies else client.ApiClient)(configuration)
+    api_client = client.ApiClient(configuration)
     # Audit logs and API priority and fairness tell the operator's requests from other clients' by this.
     api_client.user_agent = f"finetune-operator/{__version__}"
     return api_client

@@ -9,6 +9,8 @@ an error answer becomes the kopf error kind the controller retries or gives up o
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,12 +20,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import kopf
 import pytest
-from kubernetes import client
 
 from finetune_operator.adapters import preflight
 from finetune_operator.adapters.kube import JobApi
+from finetune_operator.adapters.rest import Rest, lines
 from finetune_operator.api.models import FineTuneJobStatus
-from finetune_operator.client import JsonBodiesApiClient
 from finetune_operator.settings import from_env
 
 
@@ -32,7 +33,7 @@ class Sent:
     method: str
     path: str
     query: dict[str, str]
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     body: Any
 
 
@@ -47,8 +48,13 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     connections = 0
     sent: list[Sent]
-    #: (method, path) -> the answer; anything else is answered 200 with the request's body.
-    answers: dict[tuple[str, str], Answer]
+    #: (method, path) -> the answers, given in turn (the last again and again); anything else is
+    #: answered 200 with the request's body.
+    answers: dict[tuple[str, str], Answer | list[Answer]]
+    #: The bearer token the server accepts (401 for any other).
+    token: str
+    #: What GET /watch streams, one chunk of the chunked answer each.
+    chunks: list[bytes]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -63,12 +69,18 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length)) if length else None
-        self.server.sent.append(
-            Sent(self.command, url.path, dict(parse_qsl(url.query)), dict(self.headers), body)
-        )
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        self.server.sent.append(Sent(self.command, url.path, dict(parse_qsl(url.query)), headers, body))
         answer = self.server.answers.get(
             (self.command, url.path), Answer(201 if self.command == "POST" else 200)
         )
+        if isinstance(answer, list):
+            answer = answer.pop(0) if len(answer) > 1 else answer[0]
+        if headers.get("authorization") != f"Bearer {self.server.token}":
+            answer = Answer(401, status(401, "Unauthorized", "Unauthorized"))
+        elif url.path == "/watch":
+            self._stream()
+            return
         payload = json.dumps(body if answer.body is None else answer.body).encode()
         self.send_response(answer.status)
         for name, value in {"Content-Type": "application/json", **answer.headers}.items():
@@ -76,6 +88,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in [*self.server.chunks, b""]:
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            self.wfile.flush()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
 
@@ -86,7 +107,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[Server]:
     httpd = Server(("127.0.0.1", 0), Handler)
-    httpd.sent, httpd.answers = [], {}
+    httpd.sent, httpd.answers, httpd.token, httpd.chunks = [], {}, "s3cret", []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -96,11 +117,11 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture
 def api(server: Server) -> JobApi:
-    configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
-    configuration.api_key = {"BearerToken": "s3cret"}
-    configuration.api_key_prefix = {"BearerToken": "Bearer"}
-    return JobApi(JsonBodiesApiClient(configuration))
+    return JobApi(Rest(lambda: kopf.ConnectionInfo(server=url(server), token=server.token)))
+
+
+def url(server: Server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 JOBS = "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs"
@@ -169,7 +190,7 @@ def test_each_call_goes_to_its_path_with_its_query_and_content_type(server: Serv
     assert written["metadata"]["resourceVersion"] == "7"  # a stale decision gets 409
     assert written["status"]["phase"] == "Running"
     patch = server.sent[5]
-    assert patch.headers["Content-Type"] == "application/merge-patch+json"
+    assert patch.headers["content-type"] == "application/merge-patch+json"
     assert patch.body == {"data": {"a": "1"}}
 
 
@@ -195,6 +216,41 @@ def test_an_error_answer_becomes_the_kind_the_controller_retries_or_gives_up_on(
     assert getattr(caught.value, "delay", None) == delay
 
 
+def test_a_refused_token_is_read_again_and_the_request_made_once_more(server: Server) -> None:
+    """A service account's token is rotated in its file: the 401 after a rotation logs in again (kopf's
+    login gets the same fresh credentials), and the request goes through."""
+    logins = []
+
+    def login() -> kopf.ConnectionInfo:
+        logins.append(server.token)
+        return kopf.ConnectionInfo(server=url(server), token=server.token)
+
+    api = JobApi(Rest(login))
+    server.token = "rotated"
+    server.answers[("GET", f"{JOBS}/tiny")] = Answer(200, {"metadata": META})
+    assert api.read_job("team-a", "tiny") == {"metadata": META}
+    assert api.read_job("team-a", "tiny") == {"metadata": META}
+    assert logins == ["s3cret", "rotated"]
+    assert [s.headers["authorization"] for s in server.sent] == ["Bearer s3cret"] + ["Bearer rotated"] * 2
+    assert api.credentials().token == "rotated"
+
+
+def test_a_token_refused_again_is_an_error(server: Server) -> None:
+    api = JobApi(Rest(lambda: kopf.ConnectionInfo(server=url(server), token="not ours")))
+    with pytest.raises(kopf.PermanentError, match="401 Unauthorized"):
+        api.read_job("team-a", "tiny")
+    assert len(server.sent) == 2  # the first try and the one after logging in again, no more
+
+
+def test_a_watch_is_read_line_by_line_as_its_chunks_arrive(server: Server, api: JobApi) -> None:
+    events = [{"type": "ADDED", "object": {"metadata": {"name": f"tiny-{i}"}}} for i in range(3)]
+    stream = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+    server.chunks = [stream[:10], stream[10:70], stream[70:]]  # lines split across chunks
+    response = api.rest.call("GET", "/watch", query={"watch": True}, timeout=5.0)
+    assert [json.loads(line) for line in lines(response)] == events
+    assert server.sent[-1].query == {"watch": "true"}
+
+
 def test_preflight_names_a_missing_crd_and_each_refused_permission(server: Server, api: JobApi) -> None:
     crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.finetune.dev"
     server.answers[("GET", crd)] = Answer(404, status(404, "NotFound", "no crd"))
@@ -218,3 +274,28 @@ def test_preflight_names_a_missing_crd_and_each_refused_permission(server: Serve
         "subresource": "status",
         "namespace": "team-a",
     }
+
+
+def test_the_operator_process_never_loads_the_kubernetes_client() -> None:
+    """kopf would import it (when installed) just to recognise its models: 25 MiB the operator never uses."""
+    run = subprocess.run(
+        [sys.executable, "-c", OPERATOR_MODULES],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = set(json.loads(run.stdout.splitlines()[-1]))
+    assert {"kopf", "urllib3", "finetune_operator.adapters.rest", "finetune_operator.handlers"} <= loaded
+    assert not [name for name in loaded if name.split(".")[0] == "kubernetes"]
+
+
+#: `python -m finetune_operator --help`, then the modules it loaded (as a JSON list, on the last line).
+OPERATOR_MODULES = """
+import json, runpy, sys
+sys.argv = ["finetune_operator", "--help"]
+try:
+    runpy.run_module("finetune_operator", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print(json.dumps([name for name, module in sys.modules.items() if module is not None]))
+"""

@@ -9,13 +9,14 @@ from typing import Any
 
 import kopf
 import pytest
+import urllib3
 from kopf._core.intents.causes import Activity
 from kopf._core.intents.handlers import DaemonHandler
-from kubernetes.client.exceptions import ApiException
 from operator_fixtures import NOW, job_doc, pod_doc
 
 from finetune_operator import handlers
 from finetune_operator.adapters.kube import classify
+from finetune_operator.adapters.rest import ApiError
 from finetune_operator.controller import ACTING_MESSAGE, Controller, decide
 from finetune_operator.metrics import build_metrics
 from finetune_operator.settings import PeeringSettings, Settings, WebhookSettings, from_env
@@ -164,16 +165,20 @@ def test_a_peered_replica_first_acts_a_handover_after_its_first_loop(
     assert len(acting) == (0 if standalone else 1)
 
 
+def refused(status: int, reason: str, body: str = "", headers: dict[str, str] | None = None) -> ApiError:
+    return ApiError(status, reason, body, headers or {})
+
+
 @pytest.mark.parametrize(
     ("error", "kind"),
     [
-        (ApiException(status=409, reason="Conflict"), kopf.TemporaryError),
-        (ApiException(status=429, reason="Too Many Requests"), kopf.TemporaryError),
-        (ApiException(status=503, reason="Unavailable"), kopf.TemporaryError),
-        (ApiException(status=0, reason="connection refused"), kopf.TemporaryError),
+        (refused(409, "Conflict"), kopf.TemporaryError),
+        (refused(429, "Too Many Requests"), kopf.TemporaryError),
+        (refused(503, "Unavailable"), kopf.TemporaryError),
+        (urllib3.exceptions.ProtocolError("Connection aborted."), kopf.TemporaryError),
         (ConnectionRefusedError("refused"), kopf.TemporaryError),
-        (ApiException(status=422, reason="Unprocessable Entity"), kopf.PermanentError),
-        (ApiException(status=400, reason="Bad Request"), kopf.PermanentError),
+        (refused(422, "Unprocessable Entity"), kopf.PermanentError),
+        (refused(400, "Bad Request"), kopf.PermanentError),
     ],
 )
 def test_api_errors_are_temporary_or_permanent(error: Exception, kind: type[Exception]) -> None:
@@ -195,15 +200,15 @@ def test_api_errors_are_temporary_or_permanent(error: Exception, kind: type[Exce
 )
 def test_forbidden_is_temporary_only_for_quota_and_rbac(message: str, kind: type[Exception]) -> None:
     """Quota and RBAC refusals clear without a spec change; an admission plugin's refusal does not."""
-    error = ApiException(status=403, reason="Forbidden")
-    error.body = json.dumps({"kind": "Status", "message": message})
+    error = refused(403, "Forbidden", json.dumps({"kind": "Status", "message": message}))
     assert type(classify(error, "create pod ns/x")) is kind
 
 
 def test_api_error_messages_come_from_the_status_body() -> None:
-    error = ApiException(status=422, reason="Unprocessable Entity")
-    error.body = json.dumps(
-        {"kind": "Status", "message": 'Pod "x" is invalid: spec.priorityClassName: not found'}
+    error = refused(
+        422,
+        "Unprocessable Entity",
+        json.dumps({"kind": "Status", "message": 'Pod "x" is invalid: spec.priorityClassName: not found'}),
     )
     assert "spec.priorityClassName: not found" in str(classify(error, "create pod ns/x"))
 
@@ -212,8 +217,7 @@ def test_api_error_messages_come_from_the_status_body() -> None:
 def test_a_throttled_call_waits_as_long_as_the_server_asked(header: str | None, delay: float | None) -> None:
     """429 with Retry-After (API priority and fairness): the retry comes no sooner than the header says;
     a missing or unreadable header leaves the controller's own backoff."""
-    error = ApiException(status=429, reason="Too Many Requests")
-    error.headers = {"Retry-After": header} if header is not None else {}
+    error = refused(429, "Too Many Requests", headers={"Retry-After": header} if header is not None else {})
     classified = classify(error, "write status ns/x")
     assert isinstance(classified, kopf.TemporaryError)
     assert classified.delay == delay

@@ -1,6 +1,6 @@
 """API-server calls for one job: read it and its pods, then apply a decision in a fixed order.
 
-Synchronous (the kubernetes client is), run in a worker thread by the controller. Every call is
+Synchronous (rest.py's urllib3 pool), run in a worker thread by the controller. Every call is
 idempotent: creating an object that exists is success (AlreadyExists, 409), deleting one that is gone
 is success (NotFound, 404). Errors become kopf's two kinds: `TemporaryError` (conflicts, throttling,
 server errors, network) is retried with backoff; `PermanentError` (the API server refused the object
@@ -16,14 +16,12 @@ from typing import Any
 
 import kopf
 import urllib3
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.adapters.informer import Source
-from finetune_operator.adapters.rest import MERGE_PATCH, Rest, collection, discard, document
+from finetune_operator.adapters.rest import MERGE_PATCH, ApiError, Rest, collection, discard, document
 from finetune_operator.adapters.retry_after import retry_after
 from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
-from finetune_operator.client import server_refusal
+from finetune_operator.api.refusal import server_refusal
 from finetune_operator.core import names
 from finetune_operator.core.lifecycle import Actions
 from finetune_operator.core.status import NodeView, read_node
@@ -39,35 +37,12 @@ RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 RETRYABLE_FORBIDDEN = ("exceeded quota", " cannot ")
 
 
-def connection_info(api_client: client.ApiClient) -> kopf.ConnectionInfo:
-    """kopf's credentials from the same client configuration the adapter uses, so kopf's watches and
-    our calls authenticate alike (client certificates, tokens, an explicit --kubeconfig). Called again
-    by kopf on 401, which re-reads a rotated service-account token through the client's refresh hook."""
-    cfg = api_client.configuration
-    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
-    scheme, token = (None, None)
-    if header:
-        parts = header.split(" ", 1)
-        scheme, token = (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
-    return kopf.ConnectionInfo(
-        server=cfg.host,
-        ca_path=cfg.ssl_ca_cert,
-        insecure=not cfg.verify_ssl,
-        username=cfg.username or None,
-        password=cfg.password or None,
-        scheme=scheme,
-        token=token,
-        certificate_path=cfg.cert_file,
-        private_key_path=cfg.key_file,
-    )
-
-
 def classify(exc: Exception, what: str) -> kopf.TemporaryError | kopf.PermanentError:
     """kopf's error kind for a failed API call."""
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         detail = server_refusal(exc)[1]
         transient_403 = exc.status == 403 and any(marker in detail for marker in RETRYABLE_FORBIDDEN)
-        if exc.status in RETRYABLE_STATUS or transient_403 or exc.status is None or exc.status == 0:
+        if exc.status in RETRYABLE_STATUS or transient_403:
             return kopf.TemporaryError(f"{what}: {exc.status} {detail}", delay=retry_after(exc))
         return kopf.PermanentError(f"{what}: {exc.status} {detail}")
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
@@ -109,12 +84,13 @@ def pods_path(namespace: str | None) -> str:
 class JobApi:
     """Reads and writes for FineTuneJobs and the objects they own."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self.api_client = api_client
-        self.rest = Rest(api_client)
+    def __init__(self, rest: Rest) -> None:
+        self.rest = rest
 
     def credentials(self) -> kopf.ConnectionInfo:
-        return connection_info(self.api_client)
+        """What kopf logs in with: the credentials read afresh (kopf asks again on a 401), which this
+        adapter's own requests use from now on too."""
+        return self.rest.relogin()
 
     def job_source(self) -> Source:
         """How the job informer lists and watches FineTuneJobs."""
@@ -131,7 +107,7 @@ class JobApi:
         """The job as stored now (a quorum read), or None once it is gone."""
         try:
             return self.rest.get(job_path(namespace, name))
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 404:
                 return None
             raise classify(exc, f"read finetunejob {namespace}/{name}") from exc
@@ -145,7 +121,7 @@ class JobApi:
         for name in node_names:
             try:
                 found[name] = read_node(self.rest.get(f"{collection('', 'v1', 'nodes')}/{name}"))
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status == 404:
                     found[name] = None
                 elif exc.status == 403:
@@ -192,7 +168,7 @@ class JobApi:
             if kind not in ENSURED:
                 raise ValueError(f"ensure does not handle {kind}")
             discard(self.rest.call("POST", collection(*ENSURED[kind], namespace), body=obj))
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 404 and kind == coscheduling.KIND:
                 raise kopf.PermanentError(
                     f"{what}: the PodGroup API ({coscheduling.GROUP}/{coscheduling.VERSION}) is not served: "
@@ -225,7 +201,7 @@ class JobApi:
         meta = pod["metadata"]
         try:
             return self.rest.create(pods_path(meta["namespace"]), pod)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 409:
                 return None
             raise classify(exc, f"create pod {meta['namespace']}/{meta['name']}") from exc
@@ -240,7 +216,7 @@ class JobApi:
             query = {"propagationPolicy": "Background", "gracePeriodSeconds": 0 if force else None}
             response = document(self.rest.call("DELETE", f"{pods_path(namespace)}/{name}", query=query))
             return response if response.get("kind") == "Pod" else None
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 404:
                 raise classify(exc, f"delete pod {namespace}/{name}") from exc
             return None
@@ -253,7 +229,7 @@ class JobApi:
             discard(
                 self.rest.call("DELETE", job_path(namespace, name), query={"propagationPolicy": "Background"})
             )
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 404:
                 raise classify(exc, f"delete finetunejob {namespace}/{name}") from exc
         except Exception as exc:

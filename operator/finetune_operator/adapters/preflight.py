@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kubernetes.client.exceptions import ApiException
-
-from finetune_operator.adapters.rest import Rest, collection
+from finetune_operator.adapters.rest import ApiError, Rest, collection
 from finetune_operator.api.models import GROUP, PLURAL
 from finetune_operator.settings import Settings
 
@@ -35,7 +33,7 @@ def _crd(rest: Rest) -> Iterator[str]:
     crds = collection("apiextensions.k8s.io", "v1", "customresourcedefinitions")
     try:
         rest.get(f"{crds}/{PLURAL}.{GROUP}")
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 404:
             yield (
                 f"the FineTuneJob CRD ({PLURAL}.{GROUP}) is not installed: kubectl apply --server-side -f "
@@ -53,7 +51,7 @@ def _peering(rest: Rest, settings: Settings) -> Iterator[str]:
         plural = "clusterkopfpeerings" if namespace is None else "kopfpeerings"
         try:
             rest.get(f"{collection('kopf.dev', 'v1', plural, namespace)}/{peering.name}")
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 404:
                 kind = "ClusterKopfPeering" if namespace is None else f"KopfPeering in namespace {namespace}"
                 yield (
@@ -77,7 +75,7 @@ def _access(rest: Rest, settings: Settings) -> Iterator[str]:
         }
         try:
             answer = rest.create(reviews, review).get("status")
-        except ApiException:
+        except ApiError:
             return  # cannot ask: the reconciles will say what is refused
         if answer is not None and not answer.get("allowed"):
             where = f" in namespace {namespace}" if namespace else " cluster-wide"

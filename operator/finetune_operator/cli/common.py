@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from finetune_operator.api.refusal import server_refusal
 from finetune_operator.core.architecture import ModelArchitecture, load_hf_config
 from finetune_operator.core.estimate import MemoryEstimate
 
@@ -140,8 +141,6 @@ def columns(rows: Sequence[Sequence[str]]) -> str:
 
 def api_message(exc: ApiException) -> str:
     """An API server refusal as kubectl prints it: `Error from server (NotFound): ...`."""
-    from finetune_operator.client import server_refusal
-
     reason, message = server_refusal(exc)
     return f"Error from server ({reason}): {message}"
 
