@@ -75,7 +75,9 @@ node-deps: ## install the host packages real nodes and image builds need (contai
 	tools/cluster/install-node-deps.sh
 
 # Rebuilt only when their inputs change (a label on each image in buildah's storage, shared by every checkout).
-images: node-deps tools ## build the trainer and operator images with buildah from a debootstrap Debian base
+# Not after `tools`: the images need the Kubernetes module's source (pause.c), not the built binaries, so
+# `make -j2 tools images` builds the Go tools (CPU) while the images download and unpack (network, disk).
+images: node-deps ## build the trainer and operator images with buildah from a debootstrap Debian base
 	CACHE=$(CACHE) tools/images/build.sh
 
 CLUSTER_NAME ?= finetune
