@@ -46,7 +46,7 @@ class TimingSettings:
     #: Seconds a running job's step may stay put before it is marked Stalled (a job's
     #: runPolicy.progressDeadlineSeconds overrides it): half an hour covers loading a large model.
     stalled_after_seconds: float = 1800.0
-    #: Threads the operator's API writes run in (the kubernetes client is synchronous), and the size of
+    #: Threads the operator's API writes run in (its client, adapters/rest.py, is synchronous), and the size of
     #: its connection pool: how many requests can be in flight at once when many jobs start together.
     api_threads: int = 16
 

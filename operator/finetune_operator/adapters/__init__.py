@@ -1,1 +1,1 @@
-"""The only code that talks to the API server (kubernetes client, kopf events) or serves Prometheus."""
+"""The only code that talks to the API server (adapters/rest.py over urllib3, kopf events) or serves Prometheus."""
