@@ -23,7 +23,7 @@ from typing import Any, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator import __version__
+from finetune_operator import USER_AGENT
 from finetune_operator.api.enums import Phase
 from finetune_operator.api.models import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobStatus, parse_job
 from finetune_operator.core import names
@@ -60,8 +60,7 @@ def connect(kubeconfig: str | None = None) -> client.ApiClient:
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     api_client = client.ApiClient(configuration)
-    # Audit logs and API priority and fairness tell the operator's requests from other clients' by this.
-    api_client.user_agent = f"finetune-operator/{__version__}"
+    api_client.user_agent = USER_AGENT
     return api_client
 
 
