@@ -78,6 +78,20 @@ def test_no_kubeconfig_or_no_current_context_says_so(tmp_path: Path) -> None:
         from_kubeconfig([write(tmp_path / "config", config)])
 
 
+def test_a_malformed_kubeconfig_is_a_login_error_not_a_traceback(tmp_path: Path) -> None:
+    no_server = write(tmp_path / "no-server", kubeconfig("x", {"certificate-authority": "ca.crt"}, {}))
+    with pytest.raises(kopf.LoginError, match="names no cluster with a server"):
+        from_kubeconfig([no_server])
+    nameless = kubeconfig("x", {"server": "https://x"}, {})
+    nameless["users"] = [{"user": {"token": "t"}}]
+    with pytest.raises(kopf.LoginError, match="an entry in users without a name"):
+        from_kubeconfig([write(tmp_path / "nameless", nameless)])
+    broken = tmp_path / "broken"
+    broken.write_text("clusters: [unclosed\n")
+    with pytest.raises(kopf.LoginError, match="is not YAML"):
+        from_kubeconfig([broken])
+
+
 def test_in_the_cluster_the_service_account_and_the_address_the_kubelet_gave(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("sa-token\n")
     (tmp_path / "namespace").write_text("finetune-system")

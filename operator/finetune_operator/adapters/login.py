@@ -56,17 +56,24 @@ def from_kubeconfig(paths: Sequence[Path]) -> kopf.ConnectionInfo:
     if not found:
         raise kopf.LoginError(f"no kubeconfig at {', '.join(map(str, paths))}, and not in a cluster")
     for path in found:
-        config = yaml.safe_load(path.read_text()) or {}
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise kopf.LoginError(f"the kubeconfig {path} is not YAML: {error}") from error
         current = current or config.get("current-context")
         for section, key in (("contexts", "context"), ("clusters", "cluster"), ("users", "user")):
             for item in config.get(section) or []:
+                if "name" not in item:
+                    raise kopf.LoginError(f"the kubeconfig {path} has an entry in {section} without a name")
                 entries[section].setdefault(item["name"], resolved(item.get(key) or {}, path.parent))
     if not current or current not in entries["contexts"]:
         raise kopf.LoginError(f"the kubeconfig ({', '.join(map(str, found))}) has no current context")
     context = entries["contexts"][current]
     cluster = entries["clusters"].get(context.get("cluster", ""))
-    if cluster is None:
-        raise kopf.LoginError(f"context {current!r} names no cluster the kubeconfig defines")
+    if not cluster or not cluster.get("server"):
+        raise kopf.LoginError(
+            f"context {current!r} names no cluster with a server that the kubeconfig defines"
+        )
     user_name = context.get("user", "")
     user = entries["users"].get(user_name, {})
     plugin = next((key for key in ("exec", "auth-provider") if key in user), None)
