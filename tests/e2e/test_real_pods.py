@@ -31,7 +31,7 @@ from monitoring.dashboards import panels
 from trainer.tiny_models import build_tiny_llama, write_text_data
 from trainer.tokenizer import build_tiny_tokenizer
 
-from .conftest import BIN, REPO, Cluster, running_cluster
+from .conftest import BIN, CACHE, REPO, Cluster, running_cluster
 from .prometheus import Prometheus, running_prometheus, scrape_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
@@ -329,6 +329,26 @@ def test_suspend_saves_a_checkpoint_on_sigterm_and_resume_continues_from_it(team
     result = summary(team_a, "paused")
     assert result["resumedFromStep"] == saved[-1], result
     assert result["stepsThisAttempt"] == steps - saved[-1], result
+
+
+def test_a_node_keeps_the_trainer_unpacked_without_its_layer_blobs(real_cluster: Cluster) -> None:
+    """The trainer is 7 GB: each node keeps its unpacked snapshots and not a second copy as layer blobs
+    (tools/cluster/realnode.py, discard_layers); the jobs here run from those snapshots."""
+    trainer = "localhost/finetune/trainer:dev"
+    for node in ("real-1", "real-2"):
+        socket = CACHE / "kwok" / "clusters" / NAME / "nodes" / node / "containerd.sock"
+
+        def ctr(*args: str, socket: Path = socket) -> str:
+            command = ["ctr", "--address", str(socket), "-n", "k8s.io", *args]
+            return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+        (row,) = [
+            line.split() for line in ctr("images", "check").splitlines() if line.startswith(f"{trainer} ")
+        ]
+        assert row[-1] == "true", row  # unpacked
+        layers = {layer["digest"] for layer in json.loads(ctr("content", "get", row[2]))["layers"]}
+        assert len(layers) > 5
+        assert not layers & set(ctr("content", "ls", "-q").split()), f"{node} still holds trainer layer blobs"
 
 
 def test_a_configuration_error_fails_at_once_without_a_retry(team_b: Jobs) -> None:
