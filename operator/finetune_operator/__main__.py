@@ -16,6 +16,7 @@ import sys
 sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 
 import argparse
+import copy
 import dataclasses
 import logging
 import random
@@ -31,6 +32,19 @@ from finetune_operator.adapters.login import login
 from finetune_operator.adapters.rest import Rest
 from finetune_operator.controller import Controller
 from finetune_operator.metrics import build_metrics
+
+
+class JobPrefixFormatter(logging.Formatter):
+    """Starts a job's lines with `[namespace/name]`. The job loops log through kopf's ObjectLogger, which
+    carries the job's reference (and posts warnings as events on it) but leaves the prefix to kopf's own
+    log setup, which this process does not use."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ref = getattr(record, "k8s_ref", None)
+        if ref:
+            record = copy.copy(record)
+            record.msg = f"[{ref.get('namespace')}/{ref.get('name')}] {record.msg}"
+        return super().format(record)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -97,10 +111,9 @@ def build_settings(args: argparse.Namespace) -> settings_module.Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(JobPrefixFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     settings = build_settings(args)
     metrics = build_metrics(retention_seconds=settings.metrics.finished_retention_seconds)
     try:

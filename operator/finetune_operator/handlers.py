@@ -1,9 +1,10 @@
 """The kopf wiring, and nothing else: which events reach which controller function.
 
-Registered into an explicit registry by `register` (never at import time). Per job, one daemon runs the
-controller's loop; the controller's own informers (started here at startup) wake it when a pod or the
-spec changes. kopf runs daemons only in the active peer, so of two replicas exactly one acts, and a
-replica that loses peering stops its loops.
+Registered into an explicit registry by `register` (never at import time). kopf does not watch the
+jobs: the controller's own informers (started here at startup) do, and the controller runs a loop per
+job while it leads. Leading is one kopf daemon, on the FineTuneJob CRD: kopf runs daemons only in the
+active peer and stops them when the replica pauses, so of two replicas exactly one acts, and a replica
+that loses peering stops its loops.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from finetune_operator.api.models import GROUP, PLURAL, VERSION
 from finetune_operator.controller import Controller
 from finetune_operator.core.admission import review
 from finetune_operator.settings import Settings
+
+#: The object the leading daemon runs for: it exists whenever jobs can.
+CRD_NAME = f"{PLURAL}.{GROUP}"
 
 #: The events' source (`kubectl describe`'s "From" column, reportingController).
 REPORTING_COMPONENT = "finetune-operator"
@@ -51,8 +55,8 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
             settings.admission.managed = webhook.configuration or None
 
     @kopf.on.startup(registry=registry)
-    async def start_informers(**_: Any) -> None:
-        controller.start(asyncio.get_running_loop())
+    async def start_informers(settings: kopf.OperatorSettings, **_: Any) -> None:
+        controller.start(asyncio.get_running_loop(), settings)
 
     @kopf.on.cleanup(registry=registry)
     async def stop_informers(**_: Any) -> None:
@@ -68,12 +72,16 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
         # An explicit registry starts without kopf's default logins; kopf uses the adapter's credentials.
         return controller.credentials()
 
-    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=5.0)
-    async def run_job(
-        namespace: str | None, name: str, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
-    ) -> None:
-        assert namespace is not None, "FineTuneJobs are namespaced"
-        await controller.run_job(namespace, name, logger)
+    @kopf.daemon(
+        group="apiextensions.k8s.io",
+        version="v1",
+        plural="customresourcedefinitions",
+        when=lambda name, **_: name == CRD_NAME,
+        registry=registry,
+        cancellation_timeout=10.0,
+    )
+    async def lead(**_: Any) -> None:
+        await controller.lead()
 
     if webhook.port:
 
@@ -113,8 +121,8 @@ class NoDiffBase(kopf.DiffBaseStorage):
 def _daemons_without_finalizer(registry: kopf.OperatorRegistry) -> None:
     """kopf puts a finalizer on every object a daemon runs for, so that it can stop the daemon before
     the object goes. Ours needs no such grace (all state is in the API server, owned objects are
-    garbage-collected), and the finalizer would make `kubectl delete ftj` hang whenever the operator is
-    not running. kopf offers no switch for daemons, so the registered handler is replaced by a copy
+    garbage-collected), and a finalizer on the CRD would keep it, and every job, from being deleted
+    whenever the operator is not running. kopf offers no switch for daemons, so the registered handler is replaced by a copy
     with `requires_finalizer=False` (kopf pinned at 1.45.2; a unit test checks this still holds)."""
     spawning = registry._spawning
     spawning._handlers = [

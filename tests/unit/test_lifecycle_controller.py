@@ -15,6 +15,7 @@ from kopf._core.intents.handlers import DaemonHandler
 from operator_fixtures import NOW, job_doc, pod_doc
 
 from finetune_operator import handlers
+from finetune_operator.__main__ import JobPrefixFormatter
 from finetune_operator.adapters.kube import classify
 from finetune_operator.adapters.rest import ApiError
 from finetune_operator.controller import ACTING_MESSAGE, Controller, decide
@@ -83,12 +84,79 @@ def test_settings_reject_malformed_values() -> None:
         from_env({"FINETUNE_TIMING_RESYNC_SECONDS": "soon"})
 
 
-def test_the_job_daemon_puts_no_finalizer_on_jobs() -> None:
+def test_kopf_watches_no_job_and_its_one_daemon_leads_from_the_crd_without_a_finalizer() -> None:
     registry = kopf.OperatorRegistry()
     handlers.register(registry, Controller(Settings(), api=None, metrics=build_metrics()), Settings())  # type: ignore[arg-type]
     daemons = [h for h in registry._spawning._handlers if isinstance(h, DaemonHandler)]
     assert len(daemons) == 1 and daemons[0].requires_finalizer is False
-    assert all(getattr(h, "requires_finalizer", False) in (False, None) for h in registry._changing._handlers)
+    assert daemons[0].selector is not None and daemons[0].selector.plural == "customresourcedefinitions"
+    assert daemons[0].when is not None
+    assert daemons[0].when(name="finetunejobs.finetune.dev") and not daemons[0].when(name="pods.example.com")
+    # kopf watches a resource only for its handlers: none is for FineTuneJobs.
+    resource_handlers = [
+        *registry._spawning._handlers,
+        *registry._changing._handlers,
+        *registry._watching._handlers,
+    ]
+    assert [h.selector.plural for h in resource_handlers if h.selector] == ["customresourcedefinitions"]
+
+
+def job_in_store(controller: Controller, name: str, uid: str, **meta: Any) -> None:
+    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob"}
+    controller.jobs.upsert({**job, "metadata": {"namespace": "ns", "name": name, "uid": uid, **meta}})
+    controller._job_changed(controller.jobs.objects[("ns", name)], False)
+
+
+def test_a_leading_replica_runs_one_loop_per_job_and_stops_them_all_when_it_no_longer_leads() -> None:
+    """Loops start for the stored jobs when the replica leads and for jobs that come later, once each, not
+    for a job being deleted; a loop that ends is started again only for a job created again; when kopf
+    cancels `lead`, every loop is cancelled."""
+    controller = Controller(
+        Settings(peering=PeeringSettings(standalone=True)), api=None, metrics=build_metrics()
+    )  # type: ignore[arg-type]
+    started: list[tuple[str, str]] = []
+    ends = {uid: asyncio.Event() for uid in ("a1", "a2", "b1", "l1")}
+
+    async def loop(namespace: str, name: str, logger: logging.LoggerAdapter[Any]) -> None:
+        uid = logger.extra["k8s_ref"]["uid"]  # type: ignore[index]
+        started.append((name, uid))
+        await ends[uid].wait()
+
+    controller.run_job = loop  # type: ignore[method-assign]
+
+    async def scenario() -> dict[str, Any]:
+        job_in_store(controller, "a", "a1")
+        job_in_store(controller, "b", "b1")
+        assert started == [] and controller._loops == {}  # not leading yet: no loop
+        leading = asyncio.create_task(controller.lead())
+        await asyncio.sleep(0.01)
+        seen: dict[str, Any] = {"leading": sorted(started)}
+        job_in_store(controller, "late", "l1")
+        job_in_store(controller, "late", "l1", resourceVersion="2")  # a change: still one loop
+        job_in_store(controller, "going", "g1", deletionTimestamp="2025-01-01T00:00:00Z")
+        await asyncio.sleep(0.01)
+        seen["later"] = sorted(started)
+        job_in_store(controller, "a", "a2")  # deleted and created again while its loop was ending
+        ends["a1"].set()
+        ends["b1"].set()  # b's job is the same: its loop ended for good (deleted by its TTL, say)
+        await asyncio.sleep(0.01)
+        seen["ended"] = sorted(started)
+        seen["loops"] = sorted(name for _, name in controller._loops)
+        tasks = list(controller._loops.values())
+        leading.cancel()
+        await asyncio.gather(leading, return_exceptions=True)
+        seen["cancelled"] = [task.cancelled() for task in tasks]
+        seen["after"] = dict(controller._loops)
+        job_in_store(controller, "new", "n1")  # no longer leading: no loop
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["leading"] == [("a", "a1"), ("b", "b1")]
+    assert seen["later"] == [("a", "a1"), ("b", "b1"), ("late", "l1")]
+    assert seen["ended"] == [("a", "a1"), ("a", "a2"), ("b", "b1"), ("late", "l1")]
+    assert seen["loops"] == ["a", "late"]
+    assert seen["cancelled"] == [True, True] and seen["after"] == {}
+    assert len(started) == 4
 
 
 @pytest.mark.parametrize("webhook_port", [0, 9443])
@@ -221,3 +289,27 @@ def test_a_throttled_call_waits_as_long_as_the_server_asked(header: str | None, 
     classified = classify(error, "write status ns/x")
     assert isinstance(classified, kopf.TemporaryError)
     assert classified.delay == delay
+
+
+def test_a_jobs_log_lines_name_the_job_and_its_events_do_not() -> None:
+    logger = kopf.ObjectLogger(
+        body=kopf.Body({"metadata": {"namespace": "ns", "name": "job", "uid": "u"}}),
+        settings=kopf.OperatorSettings(),
+    )
+    lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lines.append  # type: ignore[method-assign]
+    logger.logger.addHandler(handler)
+    try:
+        logger.warning("%s: %s", "Running", "2 workers")
+        logging.getLogger("elsewhere").addHandler(handler)
+        logging.getLogger("elsewhere").warning("not about a job")
+    finally:
+        logger.logger.removeHandler(handler)
+        logging.getLogger("elsewhere").removeHandler(handler)
+    formatter = JobPrefixFormatter("%(levelname)s %(message)s")
+    assert [formatter.format(r) for r in lines] == [
+        "WARNING [ns/job] Running: 2 workers",
+        "WARNING not about a job",
+    ]
+    assert lines[0].getMessage() == "Running: 2 workers"  # the record itself (what kopf posts) is untouched
