@@ -5,8 +5,9 @@ Usage: python bench/memory_holders.py OUT.txt -m MODULE [ARGS...]
 `bench/operator_scale.py` runs ours this way when BENCH_MEMORY=OUT is set, and signals it once its jobs
 have settled, before it stops it. The report (written whole, then renamed into place) has the traced
 total, the files and lines whose allocations are still alive, and the deep size of each holder the
-operator keeps per job: the controller's cached intents and its two stores, and kopf's per-object
-memories (its daemons and the last body it saw of each job). A deep size counts each object once, in the
+operator keeps per job: the controller's cached intents, its two stores and its job loops (each a
+task; a deep size sees a task's object, not its coroutine's frames), and kopf's per-object memories
+(since kopf no longer watches the jobs, only of the CRDs it watches for the leading daemon). A deep size counts each object once, in the
 first holder that reaches it. Tracing costs memory and CPU of its own: the figures of such a run are not
 the benchmark's.
 """
@@ -60,6 +61,7 @@ CONTROLLER_HOLDERS: dict[str, Callable[[Any], object]] = {
     "controller: cached intents": lambda c: c._intents,
     "controller: job store": lambda c: c.jobs.objects,
     "controller: pod store": lambda c: c.pods.objects,
+    "controller: job loops": lambda c: c._loops,
 }
 
 
@@ -79,7 +81,7 @@ def report() -> str:
     controllers = list(instances("Controller"))
     jobs = sum(len(c.jobs.objects) for c in controllers)
     found = [(name, reach(c)) for c in controllers for name, reach in CONTROLLER_HOLDERS.items()]
-    found += [("kopf's memories (daemons, last bodies)", m) for m in instances("ResourceMemories")]
+    found += [("kopf's memories", m) for m in instances("ResourceMemories")]
     for name, holder in found:
         size = deep_size(holder, seen)
         lines.append(f"{size / MIB:8.2f} MiB {size / max(jobs, 1) / 1024:8.1f} KiB a job  {name}")

@@ -43,7 +43,8 @@ class JobPrefixFormatter(logging.Formatter):
         ref = getattr(record, "k8s_ref", None)
         if ref:
             record = copy.copy(record)
-            record.msg = f"[{ref.get('namespace')}/{ref.get('name')}] {record.msg}"
+            where = "/".join(part for part in (ref.get("namespace"), ref.get("name")) if part)
+            record.msg = f"[{where}] {record.msg}"
         return super().format(record)
 
 

@@ -304,6 +304,8 @@ def test_a_jobs_log_lines_name_the_job_and_its_events_do_not() -> None:
         logger.warning("%s: %s", "Running", "2 workers")
         logging.getLogger("elsewhere").addHandler(handler)
         logging.getLogger("elsewhere").warning("not about a job")
+        crd = kopf.Body({"metadata": {"name": "finetunejobs.finetune.dev"}})
+        kopf.ObjectLogger(body=crd, settings=kopf.OperatorSettings()).warning("cluster-scoped")
     finally:
         logger.logger.removeHandler(handler)
         logging.getLogger("elsewhere").removeHandler(handler)
@@ -311,5 +313,6 @@ def test_a_jobs_log_lines_name_the_job_and_its_events_do_not() -> None:
     assert [formatter.format(r) for r in lines] == [
         "WARNING [ns/job] Running: 2 workers",
         "WARNING not about a job",
+        "WARNING [finetunejobs.finetune.dev] cluster-scoped",
     ]
     assert lines[0].getMessage() == "Running: 2 workers"  # the record itself (what kopf posts) is untouched
