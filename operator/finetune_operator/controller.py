@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -213,18 +213,18 @@ class Controller:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
-    async def lead(self) -> None:
-        """Run a loop for every job until cancelled (kopf stops its daemon when a peer takes over, or the
-        operator exits), then stop them all. One task per job, started from the store rather than by kopf
-        per job: kopf would otherwise watch and keep every job a second time (measured: a third of the
-        operator's memory per job)."""
+    async def lead(self, until: Awaitable[object]) -> None:
+        """Run a loop for every job until `until` is done (kopf's daemon is told to stop: a peer took over,
+        or the operator exits) or this is cancelled, then stop them all. One task per job, started from
+        the store rather than by kopf per job: kopf would otherwise watch and keep every job a second
+        time."""
         try:
             await self._handover()
             await self.synced()
             self._leading = contextvars.copy_context()
             for namespace, name in list(self.jobs.objects):
                 self._start_loop(namespace, name)
-            await asyncio.Future()  # until cancelled
+            await until
         finally:
             self._leading = None
             tasks = list(self._loops.values())

@@ -80,8 +80,9 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, operator_s
         registry=registry,
         cancellation_timeout=10.0,
     )
-    async def lead(**_: Any) -> None:
-        await controller.lead()
+    async def lead(stopped: kopf.DaemonStopped, **_: Any) -> None:
+        # Returning when told to stop, rather than being cancelled, spares a warning at every pause.
+        await controller.lead(stopped.wait())
 
     if webhook.port:
 

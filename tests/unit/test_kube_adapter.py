@@ -274,6 +274,15 @@ def test_preflight_names_a_missing_crd_and_each_refused_permission(server: Serve
         "subresource": "status",
         "namespace": "team-a",
     }
+    assert asked[-1] == {
+        "verb": "watch",
+        "group": "apiextensions.k8s.io",
+        "resource": "customresourcedefinitions",
+    }
+    assert found[-1] == (
+        "this account may not watch customresourcedefinitions cluster-wide: grant it (the chart's ClusterRole "
+        "has every rule the operator needs)"
+    )
 
 
 def test_the_operator_process_never_loads_the_kubernetes_client() -> None:

@@ -110,7 +110,7 @@ def job_in_store(controller: Controller, name: str, uid: str, **meta: Any) -> No
 def test_a_leading_replica_runs_one_loop_per_job_and_stops_them_all_when_it_no_longer_leads() -> None:
     """Loops start for the stored jobs when the replica leads and for jobs that come later, once each, not
     for a job being deleted; a loop that ends is started again only for a job created again; when kopf
-    cancels `lead`, every loop is cancelled."""
+    tells `lead` to stop, every loop is cancelled, and `lead` returns."""
     controller = Controller(
         Settings(peering=PeeringSettings(standalone=True)), api=None, metrics=build_metrics()
     )  # type: ignore[arg-type]
@@ -128,7 +128,8 @@ def test_a_leading_replica_runs_one_loop_per_job_and_stops_them_all_when_it_no_l
         job_in_store(controller, "a", "a1")
         job_in_store(controller, "b", "b1")
         assert started == [] and controller._loops == {}  # not leading yet: no loop
-        leading = asyncio.create_task(controller.lead())
+        stop = asyncio.Event()
+        leading = asyncio.create_task(controller.lead(stop.wait()))
         await asyncio.sleep(0.01)
         seen: dict[str, Any] = {"leading": sorted(started)}
         job_in_store(controller, "late", "l1")
@@ -143,8 +144,8 @@ def test_a_leading_replica_runs_one_loop_per_job_and_stops_them_all_when_it_no_l
         seen["ended"] = sorted(started)
         seen["loops"] = sorted(name for _, name in controller._loops)
         tasks = list(controller._loops.values())
-        leading.cancel()
-        await asyncio.gather(leading, return_exceptions=True)
+        stop.set()
+        seen["returned"] = await leading is None
         seen["cancelled"] = [task.cancelled() for task in tasks]
         seen["after"] = dict(controller._loops)
         job_in_store(controller, "new", "n1")  # no longer leading: no loop
@@ -155,7 +156,7 @@ def test_a_leading_replica_runs_one_loop_per_job_and_stops_them_all_when_it_no_l
     assert seen["later"] == [("a", "a1"), ("b", "b1"), ("late", "l1")]
     assert seen["ended"] == [("a", "a1"), ("a", "a2"), ("b", "b1"), ("late", "l1")]
     assert seen["loops"] == ["a", "late"]
-    assert seen["cancelled"] == [True, True] and seen["after"] == {}
+    assert seen["cancelled"] == [True, True] and seen["after"] == {} and seen["returned"]
     assert len(started) == 4
 
 

@@ -21,7 +21,12 @@ NEEDED = (
     ("create", "", "pods"),
     ("delete", "", "pods"),
     ("create", "", "events"),
+    # The replica acts while kopf runs its one daemon, on the FineTuneJob CRD (handlers.py).
+    ("list", "apiextensions.k8s.io", "customresourcedefinitions"),
+    ("watch", "apiextensions.k8s.io", "customresourcedefinitions"),
 )
+#: Of those, the resources that live outside namespaces.
+CLUSTER_SCOPED = frozenset({"customresourcedefinitions"})
 
 
 def problems(rest: Rest, settings: Settings) -> list[str]:
@@ -62,9 +67,10 @@ def _peering(rest: Rest, settings: Settings) -> Iterator[str]:
 
 def _access(rest: Rest, settings: Settings) -> Iterator[str]:
     reviews = collection("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
-    namespace = next((ns for ns in settings.namespaces if not any(c in ns for c in "*?[")), None)
+    watched = next((ns for ns in settings.namespaces if not any(c in ns for c in "*?[")), None)
     for verb, group, resource in NEEDED:
         plural, _, subresource = resource.partition("/")
+        namespace = None if plural in CLUSTER_SCOPED else watched
         attributes = {"verb": verb, "group": group, "resource": plural}
         attributes.update({"subresource": subresource} if subresource else {})
         attributes.update({"namespace": namespace} if namespace else {})
