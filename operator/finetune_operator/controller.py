@@ -160,6 +160,10 @@ class Controller:
         #: The threads the synchronous client's writes run in: sized, so a burst of jobs queues here
         #: rather than in the default pool every other to_thread shares.
         self._executor = ThreadPoolExecutor(settings.timing.api_threads, thread_name_prefix="finetune-api")
+        #: Passes in progress at once, as many as the threads that apply them: when a thousand jobs start
+        #: together, the rest wait before their pass rather than holding its rendered objects in the
+        #: executor's queue (all at once, that was the operator's peak memory).
+        self._passes = asyncio.Semaphore(settings.timing.api_threads)
         #: When this replica may first act (event-loop time), set when its first job loop starts.
         self._acting_from: float | None = None
         self._handed_over = False
@@ -276,8 +280,9 @@ class Controller:
             while True:
                 delay: float | None
                 try:
-                    with self.metrics.reconcile_seconds.time():
-                        alive, delay = await self.tick(namespace, name, logger)
+                    async with self._passes:
+                        with self.metrics.reconcile_seconds.time():
+                            alive, delay = await self.tick(namespace, name, logger)
                     errors, reported = 0, None
                     if not alive:
                         return
