@@ -39,6 +39,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
 NAME = os.environ.get("E2E_REAL_CLUSTER_NAME", "finetune-real")
 RELEASE_NAMESPACE = "finetune-system"
 NAMESPACES = ("team-a", "team-b")
+#: The trainer image built here, as tools/cluster/realnode.py loads it into each real node.
+TRAINER_IMAGE = "localhost/finetune/trainer:dev"
 TRAINER_UID = 10001
 DEMO = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
 #: Two CPU workers on two cores: start-up (torch, DeepSpeed, the tiny model) is most of a run.
@@ -116,7 +118,7 @@ def operator(real_cluster: Cluster, volumes: dict[str, Path]) -> Iterator[None]:
         "image.repository": "localhost/finetune/operator",
         "image.tag": "dev",
         "image.pullPolicy": "Never",
-        "trainerImage": "localhost/finetune/trainer:dev",
+        "trainerImage": TRAINER_IMAGE,
         "replicaCount": "1",
         "watchNamespaces": "{" + namespaces + "}",
         "settings.resyncSeconds": "2",
@@ -334,7 +336,6 @@ def test_suspend_saves_a_checkpoint_on_sigterm_and_resume_continues_from_it(team
 def test_a_node_keeps_the_trainer_unpacked_without_its_layer_blobs(real_cluster: Cluster) -> None:
     """The trainer is 7 GB: each node keeps its unpacked snapshots and not a second copy as layer blobs
     (tools/cluster/realnode.py, discard_layers); the jobs here run from those snapshots."""
-    trainer = "localhost/finetune/trainer:dev"
     for node in ("real-1", "real-2"):
         socket = CACHE / "kwok" / "clusters" / NAME / "nodes" / node / "containerd.sock"
 
@@ -343,7 +344,9 @@ def test_a_node_keeps_the_trainer_unpacked_without_its_layer_blobs(real_cluster:
             return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
         (row,) = [
-            line.split() for line in ctr("images", "check").splitlines() if line.startswith(f"{trainer} ")
+            line.split()
+            for line in ctr("images", "check").splitlines()
+            if line.startswith(f"{TRAINER_IMAGE} ")
         ]
         assert row[-1] == "true", row  # unpacked
         layers = {layer["digest"] for layer in json.loads(ctr("content", "get", row[2]))["layers"]}
