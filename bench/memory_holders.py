@@ -7,9 +7,9 @@ have settled, before it stops it. The report (written whole, then renamed into p
 total, the files and lines whose allocations are still alive, and the deep size of each holder the
 operator keeps per job: the controller's cached intents, its two stores and its job loops (each a
 task; a deep size sees a task's object, not its coroutine's frames), and kopf's per-object memories
-(since kopf no longer watches the jobs, only of the CRDs it watches for the leading daemon). A deep size counts each object once, in the
-first holder that reaches it. Tracing costs memory and CPU of its own: the figures of such a run are not
-the benchmark's.
+(since kopf no longer watches the jobs, only of the CRDs it watches for the leading daemon). A deep
+size counts each object once, in the first holder that reaches it. Tracing costs memory and CPU of its
+own: the figures of such a run are not the benchmark's.
 """
 
 from __future__ import annotations

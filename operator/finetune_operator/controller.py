@@ -164,7 +164,7 @@ class Controller:
         #: together, the rest wait before their pass rather than holding its rendered objects in the
         #: executor's queue (all at once, that was the operator's peak memory).
         self._passes = asyncio.Semaphore(settings.timing.api_threads)
-        #: When this replica may first act (event-loop time), set when its first job loop starts.
+        #: When this replica may first act (event-loop time), set when it first leads.
         self._acting_from: float | None = None
         self._handed_over = False
 

@@ -123,8 +123,9 @@ def _daemons_without_finalizer(registry: kopf.OperatorRegistry) -> None:
     """kopf puts a finalizer on every object a daemon runs for, so that it can stop the daemon before
     the object goes. Ours needs no such grace (all state is in the API server, owned objects are
     garbage-collected), and a finalizer on the CRD would keep it, and every job, from being deleted
-    whenever the operator is not running. kopf offers no switch for daemons, so the registered handler is replaced by a copy
-    with `requires_finalizer=False` (kopf pinned at 1.45.2; a unit test checks this still holds)."""
+    whenever the operator is not running. kopf offers no switch for daemons, so the registered handler
+    is replaced by a copy with `requires_finalizer=False` (kopf pinned at 1.45.2; a unit test checks
+    this still holds)."""
     spawning = registry._spawning
     spawning._handlers = [
         dataclasses.replace(handler, requires_finalizer=False)
